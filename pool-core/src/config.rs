@@ -1,0 +1,312 @@
+//! Pool configuration: sizes, time limits, health, recycling and session settings.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::error::Error;
+use crate::protocol::DEFAULT_MAX_FRAME;
+
+/// How a session's calls are placed on workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Affinity {
+    /// Any worker; the session is tracked for statistics only.
+    #[default]
+    None,
+    /// The worker that served the session last, when it is free; any other otherwise.
+    Prefer,
+    /// Always the same worker. If it is gone, calls fail with
+    /// [`Error::SessionWorkerLost`](crate::Error::SessionWorkerLost) rather than silently moving
+    /// to a worker that lacks the session's state.
+    Strict,
+}
+
+/// Everything a pool can be told. Build it with [`PoolConfig::new`] and the setters, or fill the
+/// public fields directly; [`PoolConfig::validate`] says what cannot work.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use pool_core::PoolConfig;
+///
+/// let config = PoolConfig::new("handlers.py")
+///     .name("models")
+///     .size(3)
+///     .max_overflow(2)
+///     .checkout_timeout(Duration::from_secs(5));
+/// assert!(config.validate().is_ok());
+/// ```
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// The pool's name in logs, errors and metrics. Names need not be unique; there is no
+    /// global registry. Default: `pool-N`.
+    pub name: String,
+    /// The Python application: a dotted module name or a path to a `.py` file.
+    pub app: String,
+    /// The interpreter. Default: `python3`.
+    pub python: PathBuf,
+    /// Extra environment for workers.
+    pub env: BTreeMap<String, String>,
+    /// Working directory for workers.
+    pub cwd: Option<PathBuf>,
+    /// Permanent workers. Default: 4.
+    pub size: usize,
+    /// Workers that must be ready before [`Pool::start`](crate::Pool::start) returns. Default: `size`.
+    pub min_ready: Option<usize>,
+    /// Temporary workers started when callers queue. Default: 0.
+    pub max_overflow: usize,
+    /// An overflow worker idle this long is retired. Default: 30 s.
+    pub overflow_idle: Duration,
+    /// Callers allowed to wait; the next one gets `Saturated`. Default: 10 000.
+    pub max_waiters: usize,
+    /// Longest wait for a free worker. Default: 30 s.
+    pub checkout_timeout: Duration,
+    /// Longest execution of one call. Default: 60 s.
+    pub call_timeout: Duration,
+    /// After CANCEL, how long a worker has to confirm before it is killed. Default: 2 s.
+    pub cancel_grace: Duration,
+    /// Longest time [`Pool::start`](crate::Pool::start) waits for `min_ready`. Default: 60 s.
+    pub start_timeout: Duration,
+    /// Longest time from launch to HELLO. Default: 30 s.
+    pub handshake_timeout: Duration,
+    /// How often idle workers are pinged. Default: 5 s.
+    pub ping_interval: Duration,
+    /// How long a ping may go unanswered before it counts as missed. Default: 2 s.
+    pub ping_timeout: Duration,
+    /// Missed pings in a row that get a worker killed and replaced. Default: 3.
+    pub max_missed: u32,
+    /// Recycle a worker after this many calls. Default: none.
+    pub max_calls: Option<u64>,
+    /// Up to this many extra calls, drawn per worker, so workers do not all recycle at once.
+    /// Default: 10% of `max_calls`.
+    pub max_calls_jitter: Option<u64>,
+    /// Recycle a worker after this age. Default: none.
+    pub max_age: Option<Duration>,
+    /// Recycle a worker whose resident memory exceeds this many bytes. Default: none.
+    pub max_rss: Option<u64>,
+    /// First delay before relaunching after a failure; doubles up to `restart_backoff_max`.
+    /// Default: 100 ms.
+    pub restart_backoff: Duration,
+    /// Largest relaunch delay. Default: 5 s.
+    pub restart_backoff_max: Duration,
+    /// Consecutive launch/handshake failures that open the circuit breaker. Default: 5.
+    pub breaker_threshold: u32,
+    /// How long the breaker stays open before one trial launch. Default: 5 s.
+    pub breaker_cooldown: Duration,
+    /// A session unused this long is ended. Default: 30 min.
+    pub session_ttl: Duration,
+    /// Affinity of sessions opened with [`Pool::session`](crate::Pool::session). Default: `None`.
+    pub default_affinity: Affinity,
+    /// The largest frame either side may send. Default: 256 MiB.
+    pub max_frame: usize,
+    /// Caps the `max_in_flight` a worker announces. Default: no cap.
+    pub max_in_flight: Option<usize>,
+    /// At shutdown, how long a worker has after SHUTDOWN, and again after SIGTERM. Default: 2 s.
+    pub stop_grace: Duration,
+    /// How often the pool looks after idle workers, overflow and sessions. Default: 1 s.
+    pub maintenance_interval: Duration,
+    /// Lines of worker stderr kept for error messages. Default: 40.
+    pub stderr_tail_lines: usize,
+}
+
+static NEXT_POOL: AtomicU64 = AtomicU64::new(1);
+
+impl PoolConfig {
+    /// A configuration for `app` with every default.
+    pub fn new(app: impl Into<String>) -> Self {
+        PoolConfig {
+            name: format!("pool-{}", NEXT_POOL.fetch_add(1, Ordering::Relaxed)),
+            app: app.into(),
+            python: PathBuf::from("python3"),
+            env: BTreeMap::new(),
+            cwd: None,
+            size: 4,
+            min_ready: None,
+            max_overflow: 0,
+            overflow_idle: Duration::from_secs(30),
+            max_waiters: 10_000,
+            checkout_timeout: Duration::from_secs(30),
+            call_timeout: Duration::from_secs(60),
+            cancel_grace: Duration::from_secs(2),
+            start_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(30),
+            ping_interval: Duration::from_secs(5),
+            ping_timeout: Duration::from_secs(2),
+            max_missed: 3,
+            max_calls: None,
+            max_calls_jitter: None,
+            max_age: None,
+            max_rss: None,
+            restart_backoff: Duration::from_millis(100),
+            restart_backoff_max: Duration::from_secs(5),
+            breaker_threshold: 5,
+            breaker_cooldown: Duration::from_secs(5),
+            session_ttl: Duration::from_secs(30 * 60),
+            default_affinity: Affinity::None,
+            max_frame: DEFAULT_MAX_FRAME,
+            max_in_flight: None,
+            stop_grace: Duration::from_secs(2),
+            maintenance_interval: Duration::from_secs(1),
+            stderr_tail_lines: 40,
+        }
+    }
+
+    /// Checks that the settings can work together.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |msg: String| Err(Error::InvalidConfig(msg));
+        if self.size == 0 && self.max_overflow == 0 {
+            return bad("size and max_overflow are both 0: the pool could never run a call".into());
+        }
+        if self.effective_min_ready() > self.size {
+            return bad(format!(
+                "min_ready ({}) exceeds size ({})",
+                self.effective_min_ready(),
+                self.size
+            ));
+        }
+        if self.max_missed == 0 {
+            return bad("max_missed must be at least 1".into());
+        }
+        if self.breaker_threshold == 0 {
+            return bad("breaker_threshold must be at least 1".into());
+        }
+        if self.max_frame < 1024 {
+            return bad(format!("max_frame ({}) must be at least 1024 bytes", self.max_frame));
+        }
+        if self.max_in_flight == Some(0) {
+            return bad("max_in_flight must be at least 1".into());
+        }
+        for (name, value) in [
+            ("maintenance_interval", self.maintenance_interval),
+            ("ping_interval", self.ping_interval),
+            ("ping_timeout", self.ping_timeout),
+        ] {
+            if value.is_zero() {
+                return bad(format!("{name} must be greater than zero"));
+            }
+        }
+        Ok(())
+    }
+
+    /// `min_ready`, defaulted to `size`.
+    pub fn effective_min_ready(&self) -> usize {
+        self.min_ready.unwrap_or(self.size)
+    }
+}
+
+macro_rules! setters {
+    ($($(#[$doc:meta])* $field:ident: $ty:ty),* $(,)?) => {
+        impl PoolConfig {
+            $(
+                $(#[$doc])*
+                pub fn $field(mut self, $field: $ty) -> Self {
+                    self.$field = $field;
+                    self
+                }
+            )*
+        }
+    };
+}
+
+setters! {
+    /// Sets [`PoolConfig::size`].
+    size: usize,
+    /// Sets [`PoolConfig::max_overflow`].
+    max_overflow: usize,
+    /// Sets [`PoolConfig::overflow_idle`].
+    overflow_idle: Duration,
+    /// Sets [`PoolConfig::max_waiters`].
+    max_waiters: usize,
+    /// Sets [`PoolConfig::checkout_timeout`].
+    checkout_timeout: Duration,
+    /// Sets [`PoolConfig::call_timeout`].
+    call_timeout: Duration,
+    /// Sets [`PoolConfig::cancel_grace`].
+    cancel_grace: Duration,
+    /// Sets [`PoolConfig::start_timeout`].
+    start_timeout: Duration,
+    /// Sets [`PoolConfig::handshake_timeout`].
+    handshake_timeout: Duration,
+    /// Sets [`PoolConfig::ping_interval`].
+    ping_interval: Duration,
+    /// Sets [`PoolConfig::ping_timeout`].
+    ping_timeout: Duration,
+    /// Sets [`PoolConfig::max_missed`].
+    max_missed: u32,
+    /// Sets [`PoolConfig::restart_backoff`].
+    restart_backoff: Duration,
+    /// Sets [`PoolConfig::restart_backoff_max`].
+    restart_backoff_max: Duration,
+    /// Sets [`PoolConfig::breaker_threshold`].
+    breaker_threshold: u32,
+    /// Sets [`PoolConfig::breaker_cooldown`].
+    breaker_cooldown: Duration,
+    /// Sets [`PoolConfig::session_ttl`].
+    session_ttl: Duration,
+    /// Sets [`PoolConfig::default_affinity`].
+    default_affinity: Affinity,
+    /// Sets [`PoolConfig::max_frame`].
+    max_frame: usize,
+    /// Sets [`PoolConfig::stop_grace`].
+    stop_grace: Duration,
+    /// Sets [`PoolConfig::maintenance_interval`].
+    maintenance_interval: Duration,
+    /// Sets [`PoolConfig::stderr_tail_lines`].
+    stderr_tail_lines: usize,
+}
+
+impl PoolConfig {
+    /// Sets [`PoolConfig::name`].
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+    /// Sets [`PoolConfig::python`].
+    pub fn python(mut self, python: impl Into<PathBuf>) -> Self {
+        self.python = python.into();
+        self
+    }
+    /// Adds one environment variable for workers.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.insert(key.into(), value.into());
+        self
+    }
+    /// Sets [`PoolConfig::cwd`].
+    pub fn cwd(mut self, cwd: impl Into<PathBuf>) -> Self {
+        self.cwd = Some(cwd.into());
+        self
+    }
+    /// Sets [`PoolConfig::min_ready`].
+    pub fn min_ready(mut self, min_ready: usize) -> Self {
+        self.min_ready = Some(min_ready);
+        self
+    }
+    /// Sets [`PoolConfig::max_calls`] (and a default jitter of 10%).
+    pub fn max_calls(mut self, max_calls: u64) -> Self {
+        self.max_calls = Some(max_calls);
+        self
+    }
+    /// Sets [`PoolConfig::max_calls_jitter`].
+    pub fn max_calls_jitter(mut self, jitter: u64) -> Self {
+        self.max_calls_jitter = Some(jitter);
+        self
+    }
+    /// Sets [`PoolConfig::max_age`].
+    pub fn max_age(mut self, max_age: Duration) -> Self {
+        self.max_age = Some(max_age);
+        self
+    }
+    /// Sets [`PoolConfig::max_rss`].
+    pub fn max_rss(mut self, bytes: u64) -> Self {
+        self.max_rss = Some(bytes);
+        self
+    }
+    /// Sets [`PoolConfig::max_in_flight`].
+    pub fn max_in_flight(mut self, max_in_flight: usize) -> Self {
+        self.max_in_flight = Some(max_in_flight);
+        self
+    }
+}

@@ -1,0 +1,318 @@
+//! Counters, gauges and latency histograms, and the serialisable snapshots the pool reports.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Affinity;
+use crate::worker::lock;
+
+/// The pool's running counters and histograms. Cheap to update from any task.
+pub(crate) struct Metrics {
+    pub calls_ok: AtomicU64,
+    pub calls_failed: AtomicU64,
+    pub handler_errors: AtomicU64,
+    pub checkout_timeouts: AtomicU64,
+    pub call_timeouts: AtomicU64,
+    pub saturated: AtomicU64,
+    pub circuit_rejections: AtomicU64,
+    pub crashes: AtomicU64,
+    pub killed: AtomicU64,
+    pub launches: AtomicU64,
+    pub launch_failures: AtomicU64,
+    pub recycled: AtomicU64,
+    pub retired_overflow: AtomicU64,
+    pub cancels_sent: AtomicU64,
+    pub pings_missed: AtomicU64,
+    pub sessions_expired: AtomicU64,
+    /// Shared with every worker's reader, which counts replies nobody waits for.
+    pub late_replies: Arc<AtomicU64>,
+    queue_wait: Mutex<Histogram<u64>>,
+    call_time: Mutex<Histogram<u64>>,
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs to 1 hour at 3 significant digits; the bounds are constants, so this cannot fail.
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant histogram bounds are valid")
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        Metrics {
+            calls_ok: AtomicU64::new(0),
+            calls_failed: AtomicU64::new(0),
+            handler_errors: AtomicU64::new(0),
+            checkout_timeouts: AtomicU64::new(0),
+            call_timeouts: AtomicU64::new(0),
+            saturated: AtomicU64::new(0),
+            circuit_rejections: AtomicU64::new(0),
+            crashes: AtomicU64::new(0),
+            killed: AtomicU64::new(0),
+            launches: AtomicU64::new(0),
+            launch_failures: AtomicU64::new(0),
+            recycled: AtomicU64::new(0),
+            retired_overflow: AtomicU64::new(0),
+            cancels_sent: AtomicU64::new(0),
+            pings_missed: AtomicU64::new(0),
+            sessions_expired: AtomicU64::new(0),
+            late_replies: Arc::new(AtomicU64::new(0)),
+            queue_wait: Mutex::new(histogram()),
+            call_time: Mutex::new(histogram()),
+        }
+    }
+
+    pub(crate) fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn record_queue_wait(&self, waited: Duration) {
+        lock(&self.queue_wait).saturating_record(micros(waited));
+    }
+
+    pub(crate) fn record_call_time(&self, took: Duration) {
+        lock(&self.call_time).saturating_record(micros(took));
+    }
+
+    pub(crate) fn counters(&self) -> Counters {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Counters {
+            calls_ok: get(&self.calls_ok),
+            calls_failed: get(&self.calls_failed),
+            handler_errors: get(&self.handler_errors),
+            checkout_timeouts: get(&self.checkout_timeouts),
+            call_timeouts: get(&self.call_timeouts),
+            saturated: get(&self.saturated),
+            circuit_rejections: get(&self.circuit_rejections),
+            crashes: get(&self.crashes),
+            killed: get(&self.killed),
+            launches: get(&self.launches),
+            launch_failures: get(&self.launch_failures),
+            recycled: get(&self.recycled),
+            retired_overflow: get(&self.retired_overflow),
+            cancels_sent: get(&self.cancels_sent),
+            pings_missed: get(&self.pings_missed),
+            sessions_expired: get(&self.sessions_expired),
+            late_replies_dropped: get(&self.late_replies),
+        }
+    }
+
+    pub(crate) fn queue_wait(&self) -> LatencySummary {
+        LatencySummary::of(&lock(&self.queue_wait))
+    }
+
+    pub(crate) fn call_time(&self) -> LatencySummary {
+        LatencySummary::of(&lock(&self.call_time))
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    d.as_micros().clamp(1, u64::MAX as u128) as u64
+}
+
+/// Monotonic counters since the pool started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Calls that returned a value.
+    pub calls_ok: u64,
+    /// Calls that returned an error of any kind.
+    pub calls_failed: u64,
+    /// Calls whose handler raised.
+    pub handler_errors: u64,
+    /// Calls that found no worker within `checkout_timeout` (or their deadline).
+    pub checkout_timeouts: u64,
+    /// Calls that ran past `call_timeout` (or their deadline).
+    pub call_timeouts: u64,
+    /// Calls refused because `max_waiters` callers were already waiting.
+    pub saturated: u64,
+    /// Calls refused at once because the circuit breaker was open.
+    pub circuit_rejections: u64,
+    /// Workers that died without being asked to.
+    pub crashes: u64,
+    /// Workers the pool killed (unanswered cancel, missed pings).
+    pub killed: u64,
+    /// Workers launched successfully (handshake done).
+    pub launches: u64,
+    /// Launches or handshakes that failed.
+    pub launch_failures: u64,
+    /// Workers retired by `max_calls`, `max_age` or `max_rss`.
+    pub recycled: u64,
+    /// Overflow workers retired after `overflow_idle`.
+    pub retired_overflow: u64,
+    /// CANCEL messages sent (timeouts and dropped callers).
+    pub cancels_sent: u64,
+    /// Pings that went unanswered.
+    pub pings_missed: u64,
+    /// Sessions ended by their TTL.
+    pub sessions_expired: u64,
+    /// Replies that arrived for unknown or finished calls and were dropped.
+    pub late_replies_dropped: u64,
+}
+
+/// A latency distribution in microseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencySummary {
+    /// Samples recorded.
+    pub count: u64,
+    /// Mean.
+    pub mean_us: f64,
+    /// Median.
+    pub p50_us: u64,
+    /// 90th percentile.
+    pub p90_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// 99.9th percentile.
+    pub p999_us: u64,
+    /// Largest sample.
+    pub max_us: u64,
+}
+
+impl LatencySummary {
+    /// Summarises an HDR histogram of microseconds.
+    pub fn of(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return LatencySummary::default();
+        }
+        LatencySummary {
+            count: h.len(),
+            mean_us: h.mean(),
+            p50_us: h.value_at_quantile(0.5),
+            p90_us: h.value_at_quantile(0.9),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+        }
+    }
+}
+
+/// Gauges: the pool right now.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gauges {
+    /// Workers with a free slot.
+    pub workers_ready: usize,
+    /// Workers whose every slot is taken.
+    pub workers_busy: usize,
+    /// Workers finishing their last calls before retirement.
+    pub workers_draining: usize,
+    /// Workers being launched.
+    pub workers_starting: usize,
+    /// Calls in flight.
+    pub calls_in_flight: usize,
+    /// Callers waiting for a worker.
+    pub waiters: usize,
+    /// Sessions in the registry.
+    pub sessions: usize,
+}
+
+/// [`Pool::stats`](crate::Pool::stats): counters, gauges and latency histograms.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PoolStats {
+    /// The pool's name.
+    pub pool: String,
+    /// Counters since start.
+    pub counters: Counters,
+    /// The pool right now.
+    pub gauges: Gauges,
+    /// Time from asking for a worker to getting one.
+    pub queue_wait: LatencySummary,
+    /// Time from sending a call to its final reply.
+    pub call_time: LatencySummary,
+}
+
+/// A worker's place in its life cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    /// Handshake done, at least one free slot.
+    Ready,
+    /// Every slot taken.
+    Busy,
+    /// Takes no new calls; stops once its calls finish.
+    Draining,
+}
+
+/// One worker in [`PoolStatus`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// Id in the pool.
+    pub id: String,
+    /// Process id.
+    pub pid: Option<u32>,
+    /// State.
+    pub state: WorkerState,
+    /// Whether it is a temporary overflow worker.
+    pub overflow: bool,
+    /// Calls running now.
+    pub in_flight: usize,
+    /// Calls it accepts at once.
+    pub max_in_flight: usize,
+    /// Calls it has taken.
+    pub calls: u64,
+    /// Time since its handshake.
+    pub age_ms: u64,
+    /// Time since it last finished a call.
+    pub idle_ms: u64,
+    /// Resident memory, when known.
+    pub rss_bytes: Option<u64>,
+    /// Pings missed in a row.
+    pub missed_pings: u32,
+    /// Interpreter version from HELLO.
+    pub python: String,
+}
+
+/// The circuit breaker's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerState {
+    /// Launches proceed.
+    Closed,
+    /// Launches keep failing; calls with no live worker fail fast.
+    Open,
+    /// One trial launch is under way.
+    HalfOpen,
+}
+
+/// One session in [`PoolStatus`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionStatus {
+    /// Session id.
+    pub id: String,
+    /// Affinity.
+    pub affinity: Affinity,
+    /// Time since its first call.
+    pub age_ms: u64,
+    /// Time since its last call.
+    pub idle_ms: u64,
+    /// Calls made.
+    pub calls: u64,
+    /// Calls that failed.
+    pub errors: u64,
+    /// The worker that served it last.
+    pub last_worker: Option<String>,
+}
+
+/// [`Pool::status`](crate::Pool::status): what every worker and session is doing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolStatus {
+    /// The pool's name.
+    pub pool: String,
+    /// The launcher's transport name.
+    pub transport: String,
+    /// Whether the pool is shutting down.
+    pub shutting_down: bool,
+    /// The circuit breaker.
+    pub breaker: BreakerState,
+    /// Consecutive launch failures.
+    pub launch_failures_in_a_row: u32,
+    /// The last launch or handshake error.
+    pub last_launch_error: Option<String>,
+    /// Live workers.
+    pub workers: Vec<WorkerStatus>,
+    /// Gauges.
+    pub gauges: Gauges,
+    /// Sessions.
+    pub sessions: Vec<SessionStatus>,
+}

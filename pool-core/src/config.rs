@@ -174,7 +174,10 @@ impl PoolConfig {
             return bad("breaker_threshold must be at least 1".into());
         }
         if self.max_frame < 1024 {
-            return bad(format!("max_frame ({}) must be at least 1024 bytes", self.max_frame));
+            return bad(format!(
+                "max_frame ({}) must be at least 1024 bytes",
+                self.max_frame
+            ));
         }
         if self.max_in_flight == Some(0) {
             return bad("max_in_flight must be at least 1".into());

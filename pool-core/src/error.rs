@@ -103,7 +103,7 @@ pub enum Error {
         /// The worker that ran the call.
         worker: String,
         /// The exception, with its traceback.
-        error: RemoteError,
+        error: Box<RemoteError>,
     },
     /// The worker died or misbehaved while holding the call.
     #[error("{context}: {exit}")]
@@ -111,7 +111,7 @@ pub enum Error {
         /// Where.
         context: CallContext,
         /// What happened to the worker.
-        exit: WorkerExit,
+        exit: Box<WorkerExit>,
     },
     /// A session with `Strict` affinity lost the worker that held its state.
     #[error("pool '{pool}': session '{session}' lost its worker {worker} (strict affinity); end the session and start again")]

@@ -39,7 +39,11 @@ pub struct WorkerSpec {
 
 impl WorkerSpec {
     /// A spec for `app` with defaults for everything else (`python3`, 256 MiB frames).
-    pub fn new(pool: impl Into<String>, worker_id: impl Into<String>, app: impl Into<String>) -> Self {
+    pub fn new(
+        pool: impl Into<String>,
+        worker_id: impl Into<String>,
+        app: impl Into<String>,
+    ) -> Self {
         WorkerSpec {
             pool: pool.into(),
             worker_id: worker_id.into(),

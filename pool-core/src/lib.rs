@@ -28,6 +28,6 @@ pub use payload::{placeholder_index, Payload};
 pub use pool::{CallOptions, CallStream, Pool};
 pub use session::Session;
 pub use stats::{
-    BreakerState, Counters, Gauges, LatencySummary, PoolStats, PoolStatus, SessionStatus, WorkerState,
-    WorkerStatus,
+    BreakerState, Counters, Gauges, LatencySummary, PoolStats, PoolStatus, SessionStatus,
+    WorkerState, WorkerStatus,
 };

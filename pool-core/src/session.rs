@@ -79,11 +79,18 @@ impl Session {
         args: impl Into<Payload>,
         options: CallOptions,
     ) -> Result<Payload, Error> {
-        self.pool.shared().call(Some(self), command, args.into(), options).await
+        self.pool
+            .shared()
+            .call(Some(self), command, args.into(), options)
+            .await
     }
 
     /// Calls a streaming handler within this session.
-    pub async fn call_stream(&self, command: &str, args: impl Into<Payload>) -> Result<CallStream, Error> {
+    pub async fn call_stream(
+        &self,
+        command: &str,
+        args: impl Into<Payload>,
+    ) -> Result<CallStream, Error> {
         self.pool
             .shared()
             .call_stream(Some(self), command, args.into(), CallOptions::default())

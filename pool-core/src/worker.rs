@@ -181,7 +181,11 @@ impl WorkerConn {
     }
 
     /// Starts the reader task. `on_exit` runs once when the worker is gone.
-    pub(crate) fn start_reader(self: &Arc<Self>, receiver: Box<dyn FrameReceiver>, on_exit: OnExit) {
+    pub(crate) fn start_reader(
+        self: &Arc<Self>,
+        receiver: Box<dyn FrameReceiver>,
+        on_exit: OnExit,
+    ) {
         let routing = self.routing.clone();
         let process = self.process.clone();
         let id = self.id.clone();
@@ -256,7 +260,12 @@ impl WorkerConn {
 
     pub(crate) async fn send_session_end(&self, session: &str) {
         let _ = self
-            .send(&Message::SessionEnd { session: session.into() }, &[])
+            .send(
+                &Message::SessionEnd {
+                    session: session.into(),
+                },
+                &[],
+            )
             .await;
     }
 
@@ -295,22 +304,37 @@ impl WorkerConn {
 
     async fn send(&self, msg: &Message, attachments: &[Bytes]) -> Result<(), String> {
         let body = protocol::encode(msg, self.codec, attachments).map_err(|e| e.to_string())?;
-        self.sender.lock().await.send(body).await.map_err(|e| e.to_string())
+        self.sender
+            .lock()
+            .await
+            .send(body)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     fn exit_report(&self, reason: String) -> WorkerExit {
-        self.routing.death.get().cloned().unwrap_or_else(|| WorkerExit {
-            worker: self.id.clone(),
-            reason,
-            exit: self.process.as_ref().and_then(|p| p.try_exit()),
-            stderr_tail: self.process.as_ref().map(|p| p.stderr_tail()).unwrap_or_default(),
-        })
+        self.routing
+            .death
+            .get()
+            .cloned()
+            .unwrap_or_else(|| WorkerExit {
+                worker: self.id.clone(),
+                reason,
+                exit: self.process.as_ref().and_then(|p| p.try_exit()),
+                stderr_tail: self
+                    .process
+                    .as_ref()
+                    .map(|p| p.stderr_tail())
+                    .unwrap_or_default(),
+            })
     }
 }
 
 /// Reaps a process whose channel is done with: waits briefly, then kills. Returns its exit status
 /// and stderr tail.
-async fn finish_process(process: Option<&dyn ProcessHandle>) -> (Option<super::ExitInfo>, Vec<String>) {
+async fn finish_process(
+    process: Option<&dyn ProcessHandle>,
+) -> (Option<super::ExitInfo>, Vec<String>) {
     let Some(process) = process else {
         return (None, Vec::new());
     };
@@ -331,6 +355,8 @@ async fn read_loop(
     worker: String,
     on_exit: OnExit,
 ) {
+    // A clean end of stream lets the process exit on its own; anything else is killed at once.
+    let mut clean_eof = false;
     let reason = loop {
         let received = tokio::select! {
             biased;
@@ -341,7 +367,10 @@ async fn read_loop(
         };
         let frame = match received {
             Ok(Some(frame)) => frame,
-            Ok(None) => break "closed its channel".to_owned(),
+            Ok(None) => {
+                clean_eof = true;
+                break "closed its channel".to_owned();
+            }
             Err(err) => break format!("channel failed: {err}"),
         };
         let (msg, attachments) = match protocol::decode(frame) {
@@ -375,6 +404,11 @@ async fn read_loop(
     };
     // Close our side so the worker sees EOF, then learn how it ended.
     drop(receiver);
+    if !clean_eof {
+        if let Some(process) = &process {
+            process.kill();
+        }
+    }
     let (exit, stderr_tail) = finish_process(process.as_deref()).await;
     let report = WorkerExit {
         worker: worker.clone(),
@@ -407,12 +441,17 @@ fn route(routing: &Routing, id: u64, reply: Reply) {
     }
     if !delivered {
         routing.late_replies.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(call_id = id, "dropped a reply for an unknown or finished call");
+        tracing::debug!(
+            call_id = id,
+            "dropped a reply for an unknown or finished call"
+        );
     }
 }
 
 /// Locks a std mutex, recovering from poisoning: every critical section here leaves the data
 /// consistent, so a panic elsewhere must not take the pool down with it.
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

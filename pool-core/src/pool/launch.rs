@@ -23,7 +23,8 @@ impl Shared {
             state.starting_permanent += 1;
         }
         let shared = self.clone();
-        self.tasks.spawn(async move { shared.launch_loop(overflow).await });
+        self.tasks
+            .spawn(async move { shared.launch_loop(overflow).await });
     }
 
     async fn launch_loop(self: Arc<Self>, overflow: bool) {
@@ -94,7 +95,10 @@ impl Shared {
             .launcher
             .launch(spec)
             .await
-            .map_err(|error| HandshakeError { error, fatal: false })?;
+            .map_err(|error| HandshakeError {
+                error,
+                fatal: false,
+            })?;
         let timeout = self
             .launcher
             .handshake_timeout()
@@ -210,7 +214,8 @@ impl Shared {
         Metrics::inc(&self.metrics.launches);
         state.breaker.state = BreakerState::Closed;
         state.breaker.failures = 0;
-        let capacity = (conn.hello.max_in_flight as usize).min(self.config.max_in_flight.unwrap_or(usize::MAX));
+        let capacity = (conn.hello.max_in_flight as usize)
+            .min(self.config.max_in_flight.unwrap_or(usize::MAX));
         let recycle_after = self.config.max_calls.map(|max| {
             let jitter = self.config.max_calls_jitter.unwrap_or(max / 10);
             max + rand::thread_rng().gen_range(0..=jitter)
@@ -287,11 +292,13 @@ impl Shared {
     }
 
     /// Stops a worker that finished its last call, then replaces it if it was permanent.
+    /// The caller removed the slot from the pool and counted it in `stopping`, under the same lock.
     pub(crate) fn retire(self: &Arc<Self>, slot: Slot) {
         let shared = self.clone();
         self.tasks.spawn(async move {
             slot.conn.stop(shared.config.stop_grace).await;
             let mut state = lock(&shared.state);
+            state.stopping -= 1;
             if !slot.overflow && state.phase == Phase::Running {
                 shared.spawn_launch(&mut state, false);
             }

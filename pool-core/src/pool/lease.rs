@@ -49,7 +49,10 @@ impl InFlight {
     }
 
     pub(super) fn worker_id(&self) -> &str {
-        self.lease.as_ref().map(|l| l.conn.id.as_str()).unwrap_or("")
+        self.lease
+            .as_ref()
+            .map(|l| l.conn.id.as_str())
+            .unwrap_or("")
     }
 
     /// The call got its final reply: the slot can go back to the pool.
@@ -104,7 +107,9 @@ impl Drop for InFlight {
             Err(_) => {
                 // No runtime to wait for the worker's answer: it may still answer, so it must go.
                 lease.conn.forget(id);
-                lease.shared.kill_worker(lease.seq, "its caller was dropped outside a runtime");
+                lease
+                    .shared
+                    .kill_worker(lease.seq, "its caller was dropped outside a runtime");
             }
         }
     }
@@ -142,17 +147,21 @@ async fn settle(lease: Lease, id: u64, mut replies: mpsc::UnboundedReceiver<Repl
 }
 
 /// The error for a final reply that is not a success.
-pub(super) fn reply_error(reply: Reply, context: &CallContext, worker: &str) -> Result<Payload, Error> {
+pub(super) fn reply_error(
+    reply: Reply,
+    context: &CallContext,
+    worker: &str,
+) -> Result<Payload, Error> {
     match reply {
         Reply::Result(Ok(payload)) => Ok(payload),
         Reply::Result(Err(error)) => Err(Error::Handler {
             context: context.clone(),
             worker: worker.to_owned(),
-            error,
+            error: Box::new(error),
         }),
         Reply::Dead(exit) => Err(Error::WorkerCrashed {
             context: context.clone(),
-            exit,
+            exit: Box::new(exit),
         }),
         Reply::Cancelled => Err(Error::Protocol {
             context: context.clone(),
@@ -170,12 +179,12 @@ pub(super) fn reply_error(reply: Reply, context: &CallContext, worker: &str) -> 
 fn channel_lost(context: &CallContext, worker: &str) -> Error {
     Error::WorkerCrashed {
         context: context.clone(),
-        exit: WorkerExit {
+        exit: Box::new(WorkerExit {
             worker: worker.to_owned(),
             reason: "dropped the call's reply channel".into(),
             exit: None,
             stderr_tail: Vec::new(),
-        },
+        }),
     }
 }
 

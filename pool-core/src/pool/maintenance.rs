@@ -48,6 +48,7 @@ impl Shared {
                 .iter()
                 .filter_map(|seq| state.workers.remove(seq))
                 .collect();
+            state.stopping += slots.len();
             let ttl = config.session_ttl;
             let stale: Vec<_> = state
                 .sessions
@@ -89,7 +90,13 @@ impl Shared {
         }
     }
 
-    fn ping_done(&self, seq: u64, conn: &Arc<crate::worker::WorkerConn>, calls_before: u64, answered: bool) {
+    fn ping_done(
+        &self,
+        seq: u64,
+        conn: &Arc<crate::worker::WorkerConn>,
+        calls_before: u64,
+        answered: bool,
+    ) {
         let mut state = lock(&self.state);
         let Some(slot) = state.workers.get_mut(&seq) else {
             return;

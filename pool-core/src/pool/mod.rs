@@ -132,7 +132,9 @@ pub struct Pool {
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool").field("name", &self.shared.config.name).finish()
+        f.debug_struct("Pool")
+            .field("name", &self.shared.config.name)
+            .finish()
     }
 }
 
@@ -166,7 +168,9 @@ impl Pool {
                 pool.shared.spawn_launch(&mut state, false);
             }
         }
-        pool.shared.tasks.spawn(maintenance::run(pool.shared.clone()));
+        pool.shared
+            .tasks
+            .spawn(maintenance::run(pool.shared.clone()));
         match pool.wait_ready().await {
             Ok(()) => Ok(pool),
             Err(err) => {
@@ -255,7 +259,11 @@ impl Pool {
     }
 
     /// Calls a streaming handler and returns its items as they arrive.
-    pub async fn call_stream(&self, command: &str, args: impl Into<Payload>) -> Result<CallStream, Error> {
+    pub async fn call_stream(
+        &self,
+        command: &str,
+        args: impl Into<Payload>,
+    ) -> Result<CallStream, Error> {
         self.shared
             .call_stream(None, command, args.into(), CallOptions::default())
             .await
@@ -268,7 +276,9 @@ impl Pool {
         args: impl Into<Payload>,
         options: CallOptions,
     ) -> Result<CallStream, Error> {
-        self.shared.call_stream(None, command, args.into(), options).await
+        self.shared
+            .call_stream(None, command, args.into(), options)
+            .await
     }
 
     /// A handle on session `id` with the pool's default affinity. The session is registered on
@@ -323,7 +333,11 @@ impl Pool {
                 max_in_flight: slot.capacity,
                 calls: slot.calls,
                 age_ms: ms(now - slot.started),
-                idle_ms: if slot.in_flight == 0 { ms(now - slot.last_used) } else { 0 },
+                idle_ms: if slot.in_flight == 0 {
+                    ms(now - slot.last_used)
+                } else {
+                    0
+                },
                 rss_bytes: slot.conn.rss_bytes(),
                 missed_pings: slot.missed_pings,
                 python: slot.conn.hello.python.clone(),
@@ -381,7 +395,10 @@ impl Pool {
             let notified = shared.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let busy = lock(&shared.state).workers.values().any(|s| s.in_flight > 0);
+            let busy = lock(&shared.state)
+                .workers
+                .values()
+                .any(|s| s.in_flight > 0);
             if !busy {
                 break;
             }
@@ -427,7 +444,11 @@ impl State {
 }
 
 /// The tighter of a configured timeout and the deadline, and which one it is.
-fn limit(configured: Duration, deadline: Option<Instant>, kind: TimeoutKind) -> (Instant, TimeoutKind) {
+fn limit(
+    configured: Duration,
+    deadline: Option<Instant>,
+    kind: TimeoutKind,
+) -> (Instant, TimeoutKind) {
     let configured_at = Instant::now() + configured;
     match deadline {
         Some(deadline) if deadline < configured_at => (deadline, TimeoutKind::Deadline),
@@ -464,7 +485,8 @@ impl Shared {
         async {
             let started = Instant::now();
             let result = async {
-                let (mut flight, deadline, kind) = self.begin(session, &context, args, options).await?;
+                let (mut flight, deadline, kind) =
+                    self.begin(session, &context, args, options).await?;
                 match tokio::time::timeout_at(deadline, flight.collect(&context)).await {
                     Ok(result) => result,
                     Err(_) => Err(Error::Timeout {
@@ -507,7 +529,11 @@ impl Shared {
                 session: session.map(|s| s.key().clone()),
             }),
             Err(err) => {
-                self.call_finished(session.map(|s| &**s.key()), started.elapsed(), Outcome::Failed(&err));
+                self.call_finished(
+                    session.map(|s| &**s.key()),
+                    started.elapsed(),
+                    Outcome::Failed(&err),
+                );
                 Err(err)
             }
         }
@@ -528,11 +554,20 @@ impl Shared {
         let lease = self.checkout(context, target, options.deadline).await?;
         let span = tracing::Span::current();
         span.record("worker", lease.conn.id.as_str());
-        let (deadline, kind) = limit(self.config.call_timeout, options.deadline, TimeoutKind::Call);
+        let (deadline, kind) = limit(
+            self.config.call_timeout,
+            options.deadline,
+            TimeoutKind::Call,
+        );
         let timeout = deadline.saturating_duration_since(Instant::now());
         let conn = lease.conn.clone();
         match conn
-            .send_call(&context.command, args, context.session.as_deref(), Some(timeout))
+            .send_call(
+                &context.command,
+                args,
+                context.session.as_deref(),
+                Some(timeout),
+            )
             .await
         {
             Ok((id, replies)) => {
@@ -541,7 +576,7 @@ impl Shared {
             }
             Err(exit) => Err(Error::WorkerCrashed {
                 context: context.clone(),
-                exit,
+                exit: Box::new(exit),
             }),
         }
     }
@@ -566,7 +601,7 @@ impl Shared {
             (entry.affinity, entry.bound)
         };
         if let (Affinity::Strict, Some(bound)) = affinity {
-            if !state.workers.get(&bound).is_some_and(|s| !s.retiring) {
+            if state.workers.get(&bound).is_none_or(|s| s.retiring) {
                 let worker = state
                     .workers
                     .get(&bound)
@@ -596,7 +631,11 @@ impl Shared {
         deadline: Option<Instant>,
     ) -> Result<Lease, Error> {
         let started = Instant::now();
-        let (until, kind) = limit(self.config.checkout_timeout, deadline, TimeoutKind::Checkout);
+        let (until, kind) = limit(
+            self.config.checkout_timeout,
+            deadline,
+            TimeoutKind::Checkout,
+        );
         let (waiter_id, rx) = {
             let mut state = lock(&self.state);
             if state.phase != Phase::Running {
@@ -691,7 +730,7 @@ impl Shared {
         while state.phase == Phase::Running
             && !state.breaker_open()
             && state.waiters.len() > state.starting()
-            && state.workers.len() + state.starting() < max_total
+            && state.workers.len() + state.starting() + state.stopping < max_total
         {
             self.spawn_launch(state, true);
         }
@@ -714,6 +753,7 @@ impl Shared {
                 }
                 if slot.retiring && slot.in_flight == 0 && slot.killed.is_none() {
                     retired = state.workers.remove(&seq);
+                    state.stopping += 1;
                 }
             }
             let deliveries = state.dispatch(|seq, conn| self.lease(seq, conn));
@@ -740,7 +780,9 @@ impl Shared {
         if let Some(max_rss) = self.config.max_rss {
             if let Some(rss) = slot.conn.rss_bytes() {
                 if rss > max_rss {
-                    return Some(format!("resident memory {rss} bytes exceeds max_rss {max_rss}"));
+                    return Some(format!(
+                        "resident memory {rss} bytes exceeds max_rss {max_rss}"
+                    ));
                 }
             }
         }
@@ -762,7 +804,12 @@ impl Shared {
     }
 
     /// Records a finished call in the statistics and its session.
-    pub(crate) fn call_finished(&self, session: Option<&str>, took: Duration, outcome: Outcome<'_>) {
+    pub(crate) fn call_finished(
+        &self,
+        session: Option<&str>,
+        took: Duration,
+        outcome: Outcome<'_>,
+    ) {
         let failed = match outcome {
             Outcome::Ok => {
                 Metrics::inc(&self.metrics.calls_ok);

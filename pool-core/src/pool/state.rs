@@ -101,6 +101,8 @@ pub(crate) struct State {
     pub waiters: VecDeque<Waiter>,
     pub starting_permanent: usize,
     pub starting_overflow: usize,
+    /// Retired workers whose processes are still stopping; they count against the pool's size.
+    pub stopping: usize,
     pub breaker: Breaker,
     pub sessions: HashMap<Arc<str>, SessionEntry>,
     /// Set when a worker reported it cannot start (STARTUP_ERROR) before the pool was up.
@@ -121,6 +123,7 @@ impl State {
             waiters: VecDeque::new(),
             starting_permanent: 0,
             starting_overflow: 0,
+            stopping: 0,
             breaker: Breaker {
                 state: BreakerState::Closed,
                 failures: 0,
@@ -164,7 +167,8 @@ impl State {
                         .filter(|seq| self.workers.get(seq).is_some_and(Slot::available))
                         .or_else(best),
                     Affinity::Strict => match entry.and_then(|e| e.bound) {
-                        Some(seq) => Some(seq).filter(|seq| self.workers.get(seq).is_some_and(Slot::available)),
+                        Some(seq) => Some(seq)
+                            .filter(|seq| self.workers.get(seq).is_some_and(Slot::available)),
                         None => best(),
                     },
                 }
@@ -204,7 +208,10 @@ impl State {
 
     /// Serves waiters in arrival order. Waiters pinned to a busy worker are skipped, so they do
     /// not hold up everyone behind them; anyone else unserved means every worker is busy.
-    pub fn dispatch(&mut self, mut make_lease: impl FnMut(u64, Arc<WorkerConn>) -> Lease) -> Vec<Delivery> {
+    pub fn dispatch(
+        &mut self,
+        mut make_lease: impl FnMut(u64, Arc<WorkerConn>) -> Lease,
+    ) -> Vec<Delivery> {
         let mut out = Vec::new();
         let mut i = 0;
         while i < self.waiters.len() {
@@ -215,7 +222,9 @@ impl State {
             let target = self.waiters[i].target.clone();
             match self.pick(&target) {
                 Some(seq) => {
-                    let Some(waiter) = self.waiters.remove(i) else { break };
+                    let Some(waiter) = self.waiters.remove(i) else {
+                        break;
+                    };
                     if let Some(conn) = self.take(seq, &target) {
                         out.push((waiter.tx, make_lease(seq, conn)));
                     }

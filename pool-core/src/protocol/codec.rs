@@ -119,7 +119,9 @@ pub fn encode(msg: &Message, codec: Codec, attachments: &[Bytes]) -> Result<Byte
         att: attachments.iter().map(|a| a.len() as u64).collect(),
     };
     let header = match codec {
-        Codec::Json => serde_json::to_vec(&envelope).map_err(|e| ProtocolError::Header(e.to_string()))?,
+        Codec::Json => {
+            serde_json::to_vec(&envelope).map_err(|e| ProtocolError::Header(e.to_string()))?
+        }
         Codec::Msgpack => {
             rmp_serde::to_vec_named(&envelope).map_err(|e| ProtocolError::Header(e.to_string()))?
         }
@@ -159,7 +161,9 @@ pub fn decode(body: Bytes) -> Result<(Message, Vec<Bytes>), ProtocolError> {
     }
     let header = &body[PREFIX..PREFIX + header_len];
     let envelope: EnvelopeIn = match codec {
-        Codec::Json => serde_json::from_slice(header).map_err(|e| ProtocolError::Header(e.to_string()))?,
+        Codec::Json => {
+            serde_json::from_slice(header).map_err(|e| ProtocolError::Header(e.to_string()))?
+        }
         Codec::Msgpack => {
             rmp_serde::from_slice(header).map_err(|e| ProtocolError::Header(e.to_string()))?
         }
@@ -237,7 +241,9 @@ mod tests {
             Message::Cancelled { id: 7 },
             Message::Ping { id: 1 },
             Message::Pong { id: 1 },
-            Message::SessionEnd { session: "s".into() },
+            Message::SessionEnd {
+                session: "s".into(),
+            },
             Message::Shutdown,
             Message::Goodbye,
         ]
@@ -245,7 +251,11 @@ mod tests {
 
     #[test]
     fn every_message_round_trips_in_both_codecs() {
-        let att = [Bytes::from_static(b"\x00\x01"), Bytes::new(), Bytes::from_static(b"xyz")];
+        let att = [
+            Bytes::from_static(b"\x00\x01"),
+            Bytes::new(),
+            Bytes::from_static(b"xyz"),
+        ];
         for codec in [Codec::Json, Codec::Msgpack] {
             for msg in all_messages() {
                 let body = encode(&msg, codec, &att).unwrap();
@@ -275,14 +285,20 @@ mod tests {
 
     #[test]
     fn malformed_bodies_are_rejected_with_a_reason() {
-        assert_eq!(decode(Bytes::from_static(b"J\x00")), Err(ProtocolError::TooShort(2)));
+        assert_eq!(
+            decode(Bytes::from_static(b"J\x00")),
+            Err(ProtocolError::TooShort(2))
+        );
         assert_eq!(
             decode(Bytes::from_static(b"X\x00\x00\x00\x00")),
             Err(ProtocolError::UnknownCodec(b'X'))
         );
         assert!(matches!(
             decode(Bytes::from_static(b"J\x00\x00\x00\x09{}")),
-            Err(ProtocolError::HeaderLength { header_len: 9, available: 2 })
+            Err(ProtocolError::HeaderLength {
+                header_len: 9,
+                available: 2
+            })
         ));
         assert!(matches!(
             decode(Bytes::from_static(b"J\x00\x00\x00\x02{}")),
@@ -292,13 +308,24 @@ mod tests {
         let mut body = vec![b'J'];
         body.extend_from_slice(&(unknown.len() as u32).to_be_bytes());
         body.extend_from_slice(unknown);
-        assert!(matches!(decode(Bytes::from(body)), Err(ProtocolError::Header(_))));
+        assert!(matches!(
+            decode(Bytes::from(body)),
+            Err(ProtocolError::Header(_))
+        ));
 
-        let ping = encode(&Message::Ping { id: 1 }, Codec::Json, &[Bytes::from_static(b"ab")]).unwrap();
+        let ping = encode(
+            &Message::Ping { id: 1 },
+            Codec::Json,
+            &[Bytes::from_static(b"ab")],
+        )
+        .unwrap();
         let truncated = ping.slice(..ping.len() - 1);
         assert!(matches!(
             decode(truncated),
-            Err(ProtocolError::AttachmentLengths { declared: 2, actual: 1 })
+            Err(ProtocolError::AttachmentLengths {
+                declared: 2,
+                actual: 1
+            })
         ));
     }
 

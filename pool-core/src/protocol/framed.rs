@@ -110,7 +110,11 @@ mod tests {
         let (a, _b) = tokio::io::duplex(64);
         let (r, w) = tokio::io::split(a);
         let mut channel = channel_from_io(r, w, 8);
-        let err = channel.sender.send(Bytes::from(vec![1u8; 9])).await.unwrap_err();
+        let err = channel
+            .sender
+            .send(Bytes::from(vec![1u8; 9]))
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
     }
 

@@ -1,0 +1,62 @@
+//! Helpers shared by the pool-core integration tests.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pool_core::{Pool, PoolConfig};
+use pool_testkit::FakeLauncher;
+
+pub const SEC: Duration = Duration::from_secs(1);
+
+pub fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// A config with short, test-friendly time limits.
+pub fn config(size: usize) -> PoolConfig {
+    PoolConfig::new("fake_app")
+        .size(size)
+        .checkout_timeout(5 * SEC)
+        .call_timeout(10 * SEC)
+        .cancel_grace(SEC)
+        .start_timeout(30 * SEC)
+}
+
+pub async fn start(config: PoolConfig, launcher: &Arc<FakeLauncher>) -> Pool {
+    Pool::start(config, launcher.clone())
+        .await
+        .expect("pool starts")
+}
+
+/// Shuts the pool down and proves nothing it started is left.
+pub async fn finish(pool: Pool, launcher: &Arc<FakeLauncher>) {
+    pool.shutdown(5 * SEC).await;
+    launcher.assert_all_gone();
+}
+
+/// Lets other tasks run until `cond` holds. Panics if it never does: a condition to wait on, never
+/// a sleep.
+pub async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..10_000 {
+        if cond() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("never happened: {what}");
+}
+
+/// Lets virtual time run, in 10 ms steps for at most `limit`, until `cond` holds. Used on paused
+/// time for conditions that need timers (backoff, cooldown) to fire; deterministic, because
+/// paused time only moves when every task is idle.
+pub async fn after_time(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(ms(10)).await;
+    }
+    panic!("did not happen within {limit:?} of virtual time: {what}");
+}

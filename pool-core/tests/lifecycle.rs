@@ -1,0 +1,165 @@
+//! Overflow growth and retirement, recycling, and shutdown.
+
+mod common;
+
+use common::*;
+use futures::future::join_all;
+use pool_core::Error;
+use pool_testkit::{FakeLauncher, FakeReply};
+use serde_json::json;
+use tokio::time::Instant;
+
+#[tokio::test(start_paused = true)]
+async fn overflow_grows_under_load_and_retires_when_idle() {
+    let launcher = FakeLauncher::builder()
+        .on("work", |_| FakeReply::ok(json!(1)).after(SEC))
+        .build();
+    let pool = start(config(1).max_overflow(2).overflow_idle(10 * SEC), &launcher).await;
+    let started = Instant::now();
+    let results = join_all((0..3).map(|_| pool.call("work", json!(null)))).await;
+    assert!(results.iter().all(Result::is_ok));
+    // Three calls ran side by side on the permanent worker and two overflow workers.
+    assert_eq!(started.elapsed(), SEC);
+    assert_eq!(launcher.max_alive(), 3);
+    let status = pool.status();
+    assert_eq!(status.workers.iter().filter(|w| w.overflow).count(), 2);
+    after_time("overflow retired", 12 * SEC, || launcher.alive() == 1).await;
+    assert_eq!(pool.stats().counters.retired_overflow, 2);
+    assert!(!pool.status().workers[0].overflow);
+    finish(pool, &launcher).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_pool_never_grows_past_size_plus_overflow() {
+    let launcher = FakeLauncher::builder()
+        .on("work", |_| FakeReply::ok(json!(1)).after(ms(100)))
+        .build();
+    let pool = start(config(2).max_overflow(3), &launcher).await;
+    let results = join_all((0..200).map(|_| pool.call("work", json!(null)))).await;
+    assert!(results.iter().all(Result::is_ok));
+    assert_eq!(launcher.max_alive(), 5);
+    finish(pool, &launcher).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn workers_are_recycled_after_max_calls() {
+    let launcher = FakeLauncher::builder().build();
+    let pool = start(config(1).max_calls(3).max_calls_jitter(0), &launcher).await;
+    for i in 0..7 {
+        assert_eq!(
+            pool.call("echo", json!({"value": i})).await.unwrap().value,
+            json!(i)
+        );
+    }
+    // Calls 1-3 on w1, 4-6 on its replacement, 7 on the third worker.
+    assert_eq!(launcher.launched(), 3);
+    assert_eq!(pool.stats().counters.recycled, 2);
+    assert_eq!(launcher.max_alive(), 1);
+    finish(pool, &launcher).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_calls_jitter_draws_each_workers_limit_within_the_jitter() {
+    let launcher = FakeLauncher::builder().build();
+    let pool = start(config(1).max_calls(10).max_calls_jitter(5), &launcher).await;
+    let mut calls = 0;
+    while launcher.launched() == 1 {
+        pool.call("echo", json!(1)).await.unwrap();
+        calls += 1;
+        assert!(calls <= 15, "worker not recycled within max_calls + jitter");
+    }
+    assert!(
+        calls >= 10,
+        "recycled after {calls} calls, before max_calls"
+    );
+    finish(pool, &launcher).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn workers_are_recycled_after_max_age() {
+    let launcher = FakeLauncher::builder().build();
+    let pool = start(config(1).max_age(60 * SEC), &launcher).await;
+    pool.call("echo", json!(1)).await.unwrap();
+    after_time("recycled by age", 62 * SEC, || {
+        launcher.launched() == 2 && launcher.alive() == 1
+    })
+    .await;
+    assert_eq!(pool.stats().counters.recycled, 1);
+    assert_eq!(
+        pool.call("echo", json!({"value": 2})).await.unwrap().value,
+        json!(2)
+    );
+    finish(pool, &launcher).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn workers_are_recycled_above_max_rss() {
+    // Fake workers report 10 MiB.
+    let launcher = FakeLauncher::builder().build();
+    let pool = start(config(1).max_rss(5 * 1024 * 1024), &launcher).await;
+    pool.call("echo", json!(1)).await.unwrap();
+    after_time("replaced", SEC, || launcher.launched() == 2).await;
+    assert_eq!(pool.stats().counters.recycled, 1);
+    finish(pool, &launcher).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_lets_calls_finish_and_fails_waiters() {
+    let launcher = FakeLauncher::builder()
+        .on("work", |_| FakeReply::ok(json!("finished")).after(2 * SEC))
+        .build();
+    let pool = start(config(1), &launcher).await;
+    let running = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.call("work", json!(null)).await }
+    });
+    until("running", || launcher.calls_seen() == 1).await;
+    let waiting: Vec<_> = (0..3)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.call("work", json!(null)).await })
+        })
+        .collect();
+    until("waiting", || pool.stats().gauges.waiters == 3).await;
+    let stopped = Instant::now();
+    pool.shutdown(10 * SEC).await;
+    assert_eq!(stopped.elapsed(), 2 * SEC);
+    assert_eq!(running.await.unwrap().unwrap().value, json!("finished"));
+    for task in waiting {
+        let err = task.await.unwrap().unwrap_err();
+        assert!(matches!(err, Error::ShuttingDown { .. }), "{err}");
+    }
+    let err = pool.call("work", json!(null)).await.unwrap_err();
+    assert!(matches!(err, Error::ShuttingDown { .. }), "{err}");
+    launcher.assert_all_gone();
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_grace_bounds_the_wait_for_calls_in_flight() {
+    let launcher = FakeLauncher::builder()
+        .on("hang", |_| FakeReply::hang())
+        .build();
+    let pool = start(config(2).call_timeout(600 * SEC), &launcher).await;
+    let running = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.call("hang", json!(null)).await }
+    });
+    until("running", || launcher.calls_seen() == 1).await;
+    let stopped = Instant::now();
+    pool.shutdown(3 * SEC).await;
+    // 3 s grace, then SHUTDOWN is ignored by the hung worker for stop_grace (2 s): SIGTERM ends it.
+    assert_eq!(stopped.elapsed(), 5 * SEC);
+    let err = running.await.unwrap().unwrap_err();
+    assert!(matches!(err, Error::WorkerCrashed { .. }), "{err}");
+    launcher.assert_all_gone();
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_twice_is_harmless() {
+    let launcher = FakeLauncher::builder().build();
+    let pool = start(config(2), &launcher).await;
+    pool.shutdown(SEC).await;
+    pool.shutdown(SEC).await;
+    launcher.assert_all_gone();
+    assert!(pool.status().shutting_down);
+}

@@ -1,0 +1,194 @@
+//! Session registry, TTL and the three affinity modes.
+
+mod common;
+
+use common::*;
+use pool_core::{Affinity, Error};
+use pool_testkit::{FakeLauncher, FakeReply};
+use serde_json::json;
+
+#[tokio::test(start_paused = true)]
+async fn sessions_are_tracked_with_calls_errors_and_last_worker() {
+    let launcher = FakeLauncher::builder().build();
+    let pool = start(config(2), &launcher).await;
+    let session = pool.session("user-7");
+    session.call("echo", json!(1)).await.unwrap();
+    session
+        .call("fail", json!({"message": "x"}))
+        .await
+        .unwrap_err();
+    let status = pool.status();
+    let entry = status.sessions.iter().find(|s| s.id == "user-7").unwrap();
+    assert_eq!(
+        (entry.calls, entry.errors, entry.affinity),
+        (2, 1, Affinity::None)
+    );
+    assert!(entry.last_worker.is_some());
+    assert_eq!(pool.stats().gauges.sessions, 1);
+    finish(pool, &launcher).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn strict_affinity_keeps_state_on_one_worker_and_end_drops_it() {
+    let launcher = FakeLauncher::builder().build();
+    let pool = start(config(4), &launcher).await;
+    let session = pool.session_with("cart-1", Affinity::Strict);
+    session
+        .call("remember", json!({"key": "item", "value": "book"}))
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        // Other traffic moves around; the session's calls stay with its state.
+        pool.call("echo", json!(1)).await.unwrap();
+        let value = session
+            .call("recall", json!({"key": "item"}))
+            .await
+            .unwrap()
+            .value;
+        assert_eq!(value, json!("book"));
+    }
+    session.end().await;
+    let err = session
+        .call("recall", json!({"key": "item"}))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::SessionEnded { .. }), "{err}");
+    until("session end delivered", || {
+        launcher.session_ends().len() == 1
+    })
+    .await;
+    assert_eq!(launcher.session_ends()[0].1, "cart-1");
+    assert_eq!(pool.stats().gauges.sessions, 0);
+    // A new handle with the same id starts afresh.
+    let fresh = pool.session_with("cart-1", Affinity::Strict);
+    assert_eq!(
+        fresh
+            .call("recall", json!({"key": "item"}))
+            .await
+            .unwrap()
+            .value,
+        json!(null)
+    );
+    finish(pool, &launcher).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn strict_session_whose_worker_died_fails_with_session_worker_lost() {
+    let launcher = FakeLauncher::builder().build();
+    let pool = start(config(2), &launcher).await;
+    let session = pool.session_with("s", Affinity::Strict);
+    session
+        .call("remember", json!({"key": "k", "value": 1}))
+        .await
+        .unwrap();
+    let err = session.call("exit", json!({"code": 9})).await.unwrap_err();
+    assert!(matches!(err, Error::WorkerCrashed { .. }), "{err}");
+    let err = session
+        .call("recall", json!({"key": "k"}))
+        .await
+        .unwrap_err();
+    match &err {
+        Error::SessionWorkerLost { session, .. } => assert_eq!(session, "s"),
+        other => panic!("expected SessionWorkerLost, got {other:?}"),
+    }
+    // The rest of the pool is unaffected.
+    pool.call("echo", json!(1)).await.unwrap();
+    finish(pool, &launcher).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn strict_waiters_fail_when_their_worker_dies_while_they_wait() {
+    let launcher = FakeLauncher::builder()
+        .on("die_later", |_| FakeReply::crash(4).after(SEC))
+        .build();
+    let pool = start(config(2), &launcher).await;
+    let session = pool.session_with("s", Affinity::Strict);
+    session
+        .call("remember", json!({"key": "k", "value": 1}))
+        .await
+        .unwrap();
+    let first = tokio::spawn({
+        let session = session.clone();
+        async move { session.call("die_later", json!(null)).await }
+    });
+    until("first running", || launcher.calls_seen() == 2).await;
+    let second = tokio::spawn({
+        let session = session.clone();
+        async move { session.call("recall", json!({"key": "k"})).await }
+    });
+    until("second waiting", || pool.stats().gauges.waiters == 1).await;
+    assert!(matches!(
+        first.await.unwrap().unwrap_err(),
+        Error::WorkerCrashed { .. }
+    ));
+    let err = second.await.unwrap().unwrap_err();
+    assert!(matches!(err, Error::SessionWorkerLost { .. }), "{err}");
+    finish(pool, &launcher).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn prefer_affinity_uses_the_last_worker_when_free_and_another_when_not() {
+    let launcher = FakeLauncher::builder()
+        .on("work", |call| FakeReply::ok(json!(call.worker)).after(SEC))
+        .build();
+    let pool = start(config(3), &launcher).await;
+    let session = pool.session_with("p", Affinity::Prefer);
+    let first = session.call("pid", json!(null)).await.unwrap().value;
+    for _ in 0..5 {
+        assert_eq!(session.call("pid", json!(null)).await.unwrap().value, first);
+    }
+    // Occupy the preferred worker through the session itself; the next call goes elsewhere.
+    let busy = tokio::spawn({
+        let session = session.clone();
+        async move { session.call("work", json!(null)).await }
+    });
+    until("busy", || pool.stats().gauges.calls_in_flight == 1).await;
+    let other = session.call("pid", json!(null)).await.unwrap().value;
+    assert_ne!(other, first);
+    busy.await.unwrap().unwrap();
+    finish(pool, &launcher).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_sessions_expire_after_their_ttl_and_workers_are_told() {
+    let launcher = FakeLauncher::builder().build();
+    let pool = start(config(1).session_ttl(60 * SEC), &launcher).await;
+    let session = pool.session_with("short", Affinity::Strict);
+    session
+        .call("remember", json!({"key": "k", "value": 1}))
+        .await
+        .unwrap();
+    after_time("expired", 62 * SEC, || pool.stats().gauges.sessions == 0).await;
+    assert_eq!(pool.stats().counters.sessions_expired, 1);
+    until("session end delivered", || {
+        launcher.session_ends().len() == 1
+    })
+    .await;
+    // Calling it again starts afresh: the state is gone.
+    assert_eq!(
+        session
+            .call("recall", json!({"key": "k"}))
+            .await
+            .unwrap()
+            .value,
+        json!(null)
+    );
+    finish(pool, &launcher).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_session_in_use_does_not_expire() {
+    let launcher = FakeLauncher::builder()
+        .on("long", |_| FakeReply::ok(json!(1)).after(90 * SEC))
+        .build();
+    let pool = start(
+        config(1).session_ttl(60 * SEC).call_timeout(120 * SEC),
+        &launcher,
+    )
+    .await;
+    let session = pool.session("busy");
+    session.call("long", json!(null)).await.unwrap();
+    assert_eq!(pool.stats().counters.sessions_expired, 0);
+    assert_eq!(pool.status().sessions[0].calls, 1);
+    finish(pool, &launcher).await;
+}

@@ -1,0 +1,20 @@
+//! pool-testkit: fakes and shared test suites for pypool.
+//!
+//! * [`FakeLauncher`] starts "workers" that are tokio tasks speaking the real wire protocol over
+//!   in-memory channels, following a [`Script`]: start delays and failures, per-command latency,
+//!   results, Python-style errors, crashes, hangs and garbage frames. Because they live on tokio
+//!   time, pool logic tests run with `start_paused = true`: deterministic, no real sleeping.
+//! * [`conformance`] is the transport conformance suite: every transport crate runs it against
+//!   its own launcher with real Python workers.
+//!
+//! Fakes are for pool logic. Transports are tested with real processes.
+#![warn(missing_docs)]
+
+mod channel;
+pub mod conformance;
+mod fake;
+mod script;
+
+pub use channel::{memory_channel, PeerEnd};
+pub use fake::{FakeLauncher, FakeLauncherBuilder};
+pub use script::{Action, FakeCall, FakeReply, Script, StartBehavior};

@@ -422,11 +422,13 @@ async fn read_loop(
         let _ = routing.death.set(report.clone());
         std::mem::take(&mut *pending)
     };
+    lock(&routing.pings).clear();
+    // The pool forgets the worker before its callers hear of the death, so a caller that retries
+    // at once cannot be handed the dead worker again.
+    on_exit(report.clone());
     for (_, tx) in pending {
         let _ = tx.send(Reply::Dead(report.clone()));
     }
-    lock(&routing.pings).clear();
-    on_exit(report);
 }
 
 fn route(routing: &Routing, id: u64, reply: Reply) {

@@ -82,7 +82,7 @@ async fn handler_error_is_structured_and_the_worker_lives_on() {
             .await
             .unwrap()
             .value,
-        json!(3.0)
+        json!(3)
     );
     assert_eq!(launcher.launched(), 1);
     finish(pool, &launcher).await;
@@ -114,7 +114,7 @@ async fn many_pools_side_by_side_share_nothing() {
     let results = join_all(pools.iter().map(|p| p.call("add", json!({"a": 1, "b": 1})))).await;
     assert!(results
         .iter()
-        .all(|r| r.as_ref().unwrap().value == json!(2.0)));
+        .all(|r| r.as_ref().unwrap().value == json!(2)));
     assert_eq!(launcher.alive(), 20);
     for pool in &pools[..5] {
         pool.shutdown(SEC).await;
@@ -126,7 +126,7 @@ async fn many_pools_side_by_side_share_nothing() {
             .await
             .unwrap()
             .value,
-        json!(4.0)
+        json!(4)
     );
     for pool in pools {
         pool.shutdown(SEC).await;

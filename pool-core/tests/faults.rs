@@ -96,7 +96,7 @@ async fn a_crash_mid_call_is_a_typed_error_with_exit_code_and_stderr() {
             .await
             .unwrap()
             .value,
-        json!(2.0)
+        json!(2)
     );
     finish(pool, &launcher).await;
 }
@@ -119,7 +119,7 @@ async fn a_garbage_frame_drops_the_worker_and_fails_its_call() {
             .await
             .unwrap()
             .value,
-        json!(2.0)
+        json!(2)
     );
     finish(pool, &launcher).await;
 }

@@ -144,7 +144,7 @@ async fn a_deadline_tighter_than_the_timeouts_is_reported_as_the_deadline() {
             .await
             .unwrap()
             .value,
-        json!(2.0)
+        json!(2)
     );
     assert_eq!(launcher.launched(), 1);
     finish(pool, &launcher).await;
@@ -196,7 +196,7 @@ async fn a_caller_dropped_mid_call_cancels_and_frees_the_worker() {
             .await
             .unwrap()
             .value,
-        json!(5.0)
+        json!(5)
     );
     assert_eq!(started.elapsed(), ms(0));
     assert_eq!(launcher.launched(), 1);

@@ -1,1 +1,354 @@
-//! The transport conformance suite.
+//! The transport conformance suite: one set of behaviours every transport must show with real
+//! Python workers running `pool-testkit/apps/conformance_app.py`.
+//!
+//! A transport crate implements [`Target`] and expands [`conformance_suite!`](crate::conformance_suite)
+//! in a test file; every case becomes its own `#[tokio::test]`:
+//!
+//! ```ignore
+//! struct Stdio;
+//! impl pool_testkit::conformance::Target for Stdio { /* launcher, apps, process_exists */ }
+//! pool_testkit::conformance_suite!(Stdio);
+//! ```
+//!
+//! Each case owns its pool, proves its results, and ends by shutting the pool down and checking
+//! that no worker process is left.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use pool_core::{Affinity, CallOptions, Error, Launcher, Payload, Pool, PoolConfig, TimeoutKind};
+use serde_json::json;
+
+/// What a transport gives the suite.
+pub trait Target: Send + Sync {
+    /// A fresh launcher for one pool.
+    fn launcher(&self) -> Arc<dyn Launcher>;
+    /// The conformance app (path or module) the workers serve.
+    fn app(&self) -> String;
+    /// An app whose import fails.
+    fn broken_app(&self) -> String;
+    /// Whether a process with this pid still exists (a zombie counts as existing: it was not
+    /// reaped).
+    fn process_exists(&self, pid: u32) -> bool;
+    /// Whether workers are real processes that can write to stdout and be signalled (false for
+    /// the fakes, which skip the process-level parts of some cases).
+    fn real_processes(&self) -> bool {
+        true
+    }
+}
+
+/// The pool configuration the cases use: two workers, short limits.
+pub fn config(target: &dyn Target) -> PoolConfig {
+    PoolConfig::new(target.app())
+        .size(2)
+        .checkout_timeout(Duration::from_secs(30))
+        .call_timeout(Duration::from_secs(30))
+        .cancel_grace(Duration::from_millis(500))
+        .start_timeout(Duration::from_secs(60))
+}
+
+async fn start(target: &dyn Target, config: PoolConfig) -> Pool {
+    match Pool::start(config, target.launcher()).await {
+        Ok(pool) => pool,
+        Err(err) => panic!("pool failed to start: {err}"),
+    }
+}
+
+fn pids(pool: &Pool) -> Vec<u32> {
+    pool.status().workers.iter().filter_map(|w| w.pid).collect()
+}
+
+/// Shuts the pool down and asserts that none of `pids` is left.
+async fn finish(target: &dyn Target, pool: Pool, mut pids_seen: Vec<u32>) {
+    pids_seen.extend(pids(&pool));
+    pool.shutdown(Duration::from_secs(10)).await;
+    for pid in pids_seen {
+        assert!(!target.process_exists(pid), "worker process {pid} left behind after shutdown");
+    }
+}
+
+fn ok(result: Result<Payload, Error>) -> Payload {
+    match result {
+        Ok(payload) => payload,
+        Err(err) => panic!("call failed: {err}"),
+    }
+}
+
+/// JSON values of every kind travel unchanged.
+pub async fn echo_small_values(target: &dyn Target) {
+    let pool = start(target, config(target)).await;
+    for value in [
+        json!(null),
+        json!(true),
+        json!(-17),
+        json!(2.5),
+        json!("héllo ✓"),
+        json!([1, [2, [3]]]),
+        json!({"nested": {"list": [1, "two", null]}}),
+    ] {
+        let reply = ok(pool.call("echo", json!({ "value": value.clone() })).await);
+        assert_eq!(reply.value, value);
+    }
+    let sum = ok(pool.call("add", json!({"a": 2, "b": 40})).await);
+    assert_eq!(sum.value, json!(42));
+    finish(target, pool, Vec::new()).await;
+}
+
+/// Binary values travel as attachments both ways, small and 64 MiB.
+pub async fn echo_binary_values(target: &dyn Target) {
+    let pool = start(target, config(target)).await;
+    for size in [0usize, 1, 1000, 64 * 1024 * 1024] {
+        let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let mut args = Payload::new(json!({}));
+        let placeholder = args.attach(Bytes::from(data.clone()));
+        args.value["value"] = placeholder;
+        let reply = ok(pool.call("echo", args).await);
+        let back = reply.as_bytes().unwrap_or_else(|| panic!("no bytes in {:?}", reply.value));
+        assert_eq!(back.len(), size);
+        assert!(back[..] == data[..], "{size}-byte echo differs");
+    }
+    finish(target, pool, Vec::new()).await;
+}
+
+/// A handler exception is a structured error; the worker keeps serving.
+pub async fn handler_exception(target: &dyn Target) {
+    let pool = start(target, config(target).size(1)).await;
+    let pid_before = pids(&pool);
+    let err = pool.call("fail", json!({"message": "bad input"})).await.unwrap_err();
+    match &err {
+        Error::Handler { error, .. } => {
+            assert_eq!(error.kind, "ValueError");
+            assert_eq!(error.message, "bad input");
+            assert!(error.traceback.as_deref().unwrap_or("").contains("fail"), "{error:?}");
+        }
+        other => panic!("expected a handler error, got {other}"),
+    }
+    assert_eq!(ok(pool.call("add", json!({"a": 1, "b": 1})).await).value, json!(2));
+    assert_eq!(pids(&pool), pid_before, "the worker must survive a handler exception");
+    finish(target, pool, pid_before).await;
+}
+
+/// An unknown command names the known ones; the worker keeps serving.
+pub async fn unknown_command(target: &dyn Target) {
+    let pool = start(target, config(target).size(1)).await;
+    let err = pool.call("no_such_command", json!({})).await.unwrap_err();
+    match &err {
+        Error::Handler { error, .. } => {
+            assert_eq!(error.kind, "UnknownCommand");
+            assert!(error.message.contains("echo"), "{}", error.message);
+        }
+        other => panic!("expected UnknownCommand, got {other}"),
+    }
+    assert_eq!(ok(pool.call("echo", json!({"value": 1})).await).value, json!(1));
+    finish(target, pool, Vec::new()).await;
+}
+
+/// `print()`, `os.write(1, ...)` and `sys.stdout.write` in a handler cannot corrupt the stream.
+pub async fn stdout_noise_is_harmless(target: &dyn Target) {
+    let pool = start(target, config(target).size(1)).await;
+    for i in 0..5 {
+        let reply = ok(pool.call("noisy", json!({"value": i})).await);
+        assert_eq!(reply.value, json!(i));
+    }
+    assert_eq!(pool.stats().counters.crashes, 0);
+    finish(target, pool, Vec::new()).await;
+}
+
+/// A handler that sleeps past its deadline: the worker is killed and replaced; the next call
+/// succeeds and never sees the late reply.
+pub async fn overrunning_handler_is_killed_and_replaced(target: &dyn Target) {
+    let pool = start(target, config(target).size(1)).await;
+    let first = pids(&pool);
+    let err = pool
+        .call_with("sleep", json!({"seconds": 30}), CallOptions::new().timeout(Duration::from_millis(500)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout { kind: TimeoutKind::Deadline, .. }), "{err}");
+    let reply = ok(pool.call("echo", json!({"value": "after"})).await);
+    assert_eq!(reply.value, json!("after"));
+    if target.real_processes() {
+        assert_ne!(pids(&pool), first, "the overrunning worker must have been replaced");
+        for pid in &first {
+            assert!(!target.process_exists(*pid), "killed worker {pid} not reaped");
+        }
+    }
+    assert_eq!(pool.stats().counters.killed, 1);
+    finish(target, pool, first).await;
+}
+
+/// A worker that exits mid-call: typed crash error with exit code and stderr tail.
+pub async fn exit_mid_call_is_a_crash_with_code_and_stderr(target: &dyn Target) {
+    let pool = start(target, config(target).size(1)).await;
+    let first = pids(&pool);
+    let err = pool.call("exit", json!({"code": 3})).await.unwrap_err();
+    match &err {
+        Error::WorkerCrashed { exit, .. } => {
+            assert_eq!(exit.exit.and_then(|e| e.code), Some(3), "{err}");
+        }
+        other => panic!("expected a crash, got {other}"),
+    }
+    if target.real_processes() {
+        let err = pool
+            .call("stderr_then_exit", json!({"code": 4, "line": "fatal: model file missing"}))
+            .await
+            .unwrap_err();
+        match &err {
+            Error::WorkerCrashed { exit, .. } => {
+                assert_eq!(exit.exit.and_then(|e| e.code), Some(4), "{err}");
+                assert!(
+                    exit.stderr_tail.iter().any(|l| l.contains("fatal: model file missing")),
+                    "stderr tail lacks the line: {:?}",
+                    exit.stderr_tail
+                );
+            }
+            other => panic!("expected a crash, got {other}"),
+        }
+    }
+    assert_eq!(ok(pool.call("echo", json!({"value": 1})).await).value, json!(1));
+    finish(target, pool, first).await;
+}
+
+/// A worker killed by SIGKILL mid-call: typed crash error naming the signal.
+pub async fn sigkill_mid_call_is_a_crash_with_signal(target: &dyn Target) {
+    let pool = start(target, config(target).size(1)).await;
+    let first = pids(&pool);
+    let err = pool.call("kill_self", json!({})).await.unwrap_err();
+    match &err {
+        Error::WorkerCrashed { exit, .. } => {
+            assert_eq!(exit.exit.and_then(|e| e.signal), Some(9), "{err}");
+        }
+        other => panic!("expected a crash, got {other}"),
+    }
+    assert_eq!(ok(pool.call("echo", json!({"value": 1})).await).value, json!(1));
+    finish(target, pool, first).await;
+}
+
+/// An app that fails to import makes `Pool::start` fail fast with the import error.
+pub async fn broken_app_fails_start_with_the_import_error(target: &dyn Target) {
+    let config = config(target).size(2);
+    let config = PoolConfig {
+        app: target.broken_app(),
+        ..config
+    };
+    let started = std::time::Instant::now();
+    let err = Pool::start(config, target.launcher()).await.unwrap_err();
+    match &err {
+        Error::StartFailed { reason, .. } => {
+            assert!(reason.contains("missing_dependency"), "start error lacks the import error: {reason}");
+        }
+        other => panic!("expected StartFailed, got {other}"),
+    }
+    // Fails on the first STARTUP_ERROR, not after retries or timeouts (generous bound: the
+    // interpreter start itself).
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+}
+
+/// Strict affinity keeps per-session state on one worker; `end()` drops it.
+pub async fn session_state_with_strict_affinity(target: &dyn Target) {
+    let pool = start(target, config(target).size(3)).await;
+    let session = pool.session_with("user-7", Affinity::Strict);
+    ok(session.call("remember", json!({"key": "name", "value": "Ada"})).await);
+    for _ in 0..6 {
+        ok(pool.call("echo", json!({"value": 0})).await);
+        assert_eq!(ok(session.call("recall", json!({"key": "name"})).await).value, json!("Ada"));
+    }
+    let other = pool.session_with("user-8", Affinity::Strict);
+    assert_eq!(ok(other.call("recall", json!({"key": "name"})).await).value, json!(null));
+    session.end().await;
+    let again = pool.session_with("user-7", Affinity::Strict);
+    assert_eq!(ok(again.call("recall", json!({"key": "name"})).await).value, json!(null));
+    finish(target, pool, Vec::new()).await;
+}
+
+/// An async handler runs several calls at once in one worker.
+pub async fn async_calls_run_concurrently_in_one_worker(target: &dyn Target) {
+    let pool = start(target, config(target).size(1)).await;
+    let capacity = pool.status().workers[0].max_in_flight;
+    assert!(capacity >= 4, "the conformance app announces max_in_flight 4, got {capacity}");
+    let calls = (0..4).map(|_| pool.call("async_sleep", json!({"seconds": 2})));
+    let watch = async {
+        // All four must be in flight on the one worker at the same moment.
+        loop {
+            if pool.status().workers[0].in_flight == 4 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let (results, ()) = tokio::join!(futures::future::join_all(calls), watch);
+    for result in results {
+        assert_eq!(ok(result).value, json!(2));
+    }
+    finish(target, pool, Vec::new()).await;
+}
+
+/// A generator streams 1,000 chunks in order.
+pub async fn stream_of_a_thousand_chunks(target: &dyn Target) {
+    let pool = start(target, config(target).size(1)).await;
+    let stream = match pool.call_stream("stream", json!({"n": 1000})).await {
+        Ok(stream) => stream,
+        Err(err) => panic!("stream failed: {err}"),
+    };
+    let items: Vec<_> = stream.map(|item| ok(item).value).collect().await;
+    assert_eq!(items, (0..1000).map(|i| json!(i)).collect::<Vec<_>>());
+    assert_eq!(ok(pool.call("stream", json!({"n": 3})).await).value, json!([0, 1, 2]));
+    finish(target, pool, Vec::new()).await;
+}
+
+/// Graceful shutdown leaves no process and no zombie.
+pub async fn shutdown_leaves_no_process(target: &dyn Target) {
+    let pool = start(target, config(target).size(3)).await;
+    ok(pool.call("echo", json!({"value": 1})).await);
+    let seen = pids(&pool);
+    assert_eq!(seen.len(), 3);
+    finish(target, pool, seen).await;
+}
+
+/// Dropping the pool without shutdown kills every worker (reaped in the background).
+pub async fn drop_leaves_no_process(target: &dyn Target) {
+    let pool = start(target, config(target).size(3)).await;
+    let seen = pids(&pool);
+    drop(pool);
+    for pid in seen {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        // Reaping after a kill is asynchronous: wait for this pid to go, with a bound.
+        while target.process_exists(pid) {
+            assert!(std::time::Instant::now() < deadline, "worker {pid} survived the pool's drop");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Expands to one `#[tokio::test]` per conformance case for `$target` (an expression whose type
+/// implements [`Target`]).
+#[macro_export]
+macro_rules! conformance_suite {
+    ($target:expr) => {
+        $crate::conformance_suite!(@cases $target;
+            echo_small_values,
+            echo_binary_values,
+            handler_exception,
+            unknown_command,
+            stdout_noise_is_harmless,
+            overrunning_handler_is_killed_and_replaced,
+            exit_mid_call_is_a_crash_with_code_and_stderr,
+            sigkill_mid_call_is_a_crash_with_signal,
+            broken_app_fails_start_with_the_import_error,
+            session_state_with_strict_affinity,
+            async_calls_run_concurrently_in_one_worker,
+            stream_of_a_thousand_chunks,
+            shutdown_leaves_no_process,
+            drop_leaves_no_process,
+        );
+    };
+    (@cases $target:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                $crate::conformance::$case(&$target).await;
+            }
+        )*
+    };
+}

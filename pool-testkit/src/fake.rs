@@ -30,6 +30,9 @@ struct Registry {
 /// A [`Launcher`] for pool logic tests: each "process" is a tokio task that follows a [`Script`]
 /// on tokio time, so tests run on paused time, deterministically and fast.
 ///
+/// An app whose name contains `broken_import` fails to import (STARTUP_ERROR), like the
+/// conformance suite's broken app.
+///
 /// # Example
 ///
 /// ```
@@ -180,7 +183,12 @@ impl Launcher for FakeLauncher {
 
     async fn launch(&self, spec: &WorkerSpec) -> Result<Launched, LaunchError> {
         let number = self.registry.launched.fetch_add(1, Ordering::SeqCst);
-        let behavior = (self.script.start)(number);
+        let behavior = if spec.app.contains("broken_import") {
+            // Like the conformance suite's broken app.
+            StartBehavior::StartupError("No module named 'missing_dependency'".into())
+        } else {
+            (self.script.start)(number)
+        };
         if let StartBehavior::FailLaunch(message) = &behavior {
             return Err(LaunchError::new(message.clone()));
         }
@@ -207,7 +215,9 @@ impl Launcher for FakeLauncher {
         let task_registry = self.registry.clone();
         let task = tokio::spawn(async move {
             let code = worker.run(peer, behavior).await;
-            task_exit.send_if_modified(|exit| set_exit(exit, Some(code), None));
+            // Negative codes stand for death by signal, as in Python's subprocess.
+            let (code, signal) = if code < 0 { (None, Some(-code)) } else { (Some(code), None) };
+            task_exit.send_if_modified(|exit| set_exit(exit, code, signal));
             mark_gone(&task_registry, pid);
         });
         let process = FakeProcess {
@@ -307,6 +317,7 @@ enum Event {
     Raw(Bytes),
     Done(u64),
     Exit(i32),
+    Killed(i32),
 }
 
 struct FakeWorker {
@@ -401,12 +412,16 @@ impl FakeWorker {
                             self.log(format!("fake worker exiting with code {code}"));
                             return code;
                         }
+                        Event::Killed(signal) => {
+                            self.log(format!("fake worker killed by signal {signal}"));
+                            return -signal;
+                        }
                     }
                     continue;
                 }
             };
             let Some(frame) = frame else { return 0 };
-            let Ok((msg, _attachments)) = protocol::decode(frame) else {
+            let Ok((msg, attachments)) = protocol::decode(frame) else {
                 self.log("bad frame from the pool".into());
                 return 3;
             };
@@ -425,6 +440,7 @@ impl FakeWorker {
                         command: command.clone(),
                         args,
                         session,
+                        attachments,
                     };
                     nth += 1;
                     if let Some(value) = self.builtin(&call) {
@@ -438,10 +454,14 @@ impl FakeWorker {
                     }
                     let reply = match self.script.commands.get(&command) {
                         Some(script) => script(&call),
-                        None => FakeReply::error(
-                            "UnknownCommand",
-                            &format!("unknown command '{command}'"),
-                        ),
+                        None => {
+                            let mut known: Vec<_> = self.script.commands.keys().cloned().collect();
+                            known.sort();
+                            FakeReply::error(
+                                "UnknownCommand",
+                                &format!("unknown command '{command}'; known: {}", known.join(", ")),
+                            )
+                        }
                     };
                     if reply.action == Action::Hang {
                         // Like a handler stuck in C code holding the GIL: nothing is read or
@@ -451,7 +471,7 @@ impl FakeWorker {
                     }
                     let cancellable = reply.cancellable;
                     let events = events_tx.clone();
-                    let task = tokio::spawn(perform(id, reply, events));
+                    let task = tokio::spawn(perform(id, command, reply, events));
                     running.insert(id, (task.abort_handle(), cancellable));
                 }
                 Message::Cancel { id } => {
@@ -512,26 +532,36 @@ impl FakeWorker {
     }
 }
 
-async fn perform(id: u64, reply: FakeReply, events: mpsc::UnboundedSender<Event>) {
+async fn perform(id: u64, command: String, reply: FakeReply, events: mpsc::UnboundedSender<Event>) {
     tokio::time::sleep(reply.latency).await;
     let send = |msg: Message| {
         let _ = events.send(Event::Send(msg, Vec::new()));
     };
     match reply.action {
-        Action::Ok(value) => send(Message::Result {
-            id,
-            ok: Some(value),
-            error: None,
-        }),
-        Action::Error { kind, message } => send(Message::Result {
-            id,
-            ok: None,
-            error: Some(RemoteError {
-                kind,
-                message,
-                traceback: Some("Traceback (most recent call last):\n  (fake)".into()),
-            }),
-        }),
+        Action::Ok(value, attachments) => {
+            let _ = events.send(Event::Send(
+                Message::Result {
+                    id,
+                    ok: Some(value),
+                    error: None,
+                },
+                attachments,
+            ));
+        }
+        Action::Error { kind, message } => {
+            let traceback = format!(
+                "Traceback (most recent call last):\n  File \"fake_app.py\", in {command}\n{kind}: {message}"
+            );
+            send(Message::Result {
+                id,
+                ok: None,
+                error: Some(RemoteError {
+                    kind,
+                    message,
+                    traceback: Some(traceback),
+                }),
+            })
+        }
         Action::Stream(items) => {
             for (seq, value) in items.into_iter().enumerate() {
                 send(Message::Chunk {
@@ -546,6 +576,10 @@ async fn perform(id: u64, reply: FakeReply, events: mpsc::UnboundedSender<Event>
             let _ = events.send(Event::Exit(code));
             return;
         }
+        Action::Killed(signal) => {
+            let _ = events.send(Event::Killed(signal));
+            return;
+        }
         Action::Hang => std::future::pending::<()>().await,
         Action::Garbage => {
             let _ = events.send(Event::Raw(Bytes::from_static(b"\xffgarbage")));
@@ -554,4 +588,43 @@ async fn perform(id: u64, reply: FakeReply, events: mpsc::UnboundedSender<Event>
         }
     }
     let _ = events.send(Event::Done(id));
+}
+
+/// The fakes as a conformance [`Target`](crate::conformance::Target), so the suite itself is
+/// tested without Python. Process-level parts of the cases are skipped.
+pub struct FakeTarget {
+    launcher: Arc<FakeLauncher>,
+}
+
+impl FakeTarget {
+    /// A target whose workers follow the standard script.
+    pub fn new() -> Self {
+        FakeTarget {
+            launcher: FakeLauncher::builder().max_in_flight(4).build(),
+        }
+    }
+}
+
+impl Default for FakeTarget {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl crate::conformance::Target for FakeTarget {
+    fn launcher(&self) -> Arc<dyn Launcher> {
+        self.launcher.clone()
+    }
+    fn app(&self) -> String {
+        "conformance_app".into()
+    }
+    fn broken_app(&self) -> String {
+        "broken_import_app".into()
+    }
+    fn process_exists(&self, pid: u32) -> bool {
+        self.launcher.is_alive(pid)
+    }
+    fn real_processes(&self) -> bool {
+        false
+    }
 }

@@ -16,5 +16,5 @@ mod fake;
 mod script;
 
 pub use channel::{memory_channel, PeerEnd};
-pub use fake::{FakeLauncher, FakeLauncherBuilder};
+pub use fake::{FakeLauncher, FakeLauncherBuilder, FakeTarget};
 pub use script::{Action, FakeCall, FakeReply, Script, StartBehavior};

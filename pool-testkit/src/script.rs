@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use serde_json::{json, Value};
 
 /// One call as a fake worker sees it, passed to command scripts.
@@ -19,13 +20,15 @@ pub struct FakeCall {
     pub args: Value,
     /// The session, if any.
     pub session: Option<String>,
+    /// The call's binary attachments.
+    pub attachments: Vec<Bytes>,
 }
 
 /// What a fake worker does with a call.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// Reply with a value.
-    Ok(Value),
+    /// Reply with a value and attachments its placeholders refer to.
+    Ok(Value, Vec<Bytes>),
     /// Reply with a Python-style error.
     Error {
         /// Exception type.
@@ -37,6 +40,8 @@ pub enum Action {
     Stream(Vec<Value>),
     /// Exit the process with this code, without replying.
     Crash(i32),
+    /// Die from this signal, without replying.
+    Killed(i32),
     /// Freeze the whole worker: no reply, and no CANCEL, PING or SHUTDOWN handled any more (a
     /// handler stuck in C code holding the GIL). Only a signal ends it.
     Hang,
@@ -65,7 +70,15 @@ impl FakeReply {
     }
     /// Reply with `value`.
     pub fn ok(value: Value) -> Self {
-        Self::of(Action::Ok(value))
+        Self::of(Action::Ok(value, Vec::new()))
+    }
+    /// Reply with `value` and the attachments its placeholders refer to.
+    pub fn ok_with(value: Value, attachments: Vec<Bytes>) -> Self {
+        Self::of(Action::Ok(value, attachments))
+    }
+    /// Die from `signal`.
+    pub fn killed(signal: i32) -> Self {
+        Self::of(Action::Killed(signal))
     }
     /// Raise `kind: message`.
     pub fn error(kind: &str, message: &str) -> Self {
@@ -163,22 +176,27 @@ impl Default for Script {
 
 impl Script {
     /// The commands every fake worker knows unless overridden, mirroring the conformance app:
-    /// `echo`, `add`, `fail`, `sleep` (seconds), `stream` (n), `pid`, `exit` (code), `remember` /
-    /// `recall` (per-session state is not modelled: `recall` returns what `remember` got last on
-    /// the same worker).
+    /// `echo`, `noisy`, `add`, `fail`, `sleep` (seconds, not cancellable), `async_sleep`, `stream`
+    /// (n), `pid`, `exit` (code), `stderr_then_exit`, `kill_self`; `remember` / `recall` keep
+    /// per-session state in the worker.
     fn add_standard_commands(&mut self) {
         self.on("echo", |call| {
-            FakeReply::ok(
-                call.args
-                    .get("value")
-                    .cloned()
-                    .unwrap_or_else(|| call.args.clone()),
-            )
+            let value = call.args.get("value").cloned().unwrap_or_else(|| call.args.clone());
+            FakeReply::ok_with(value, call.attachments.clone())
         });
-        self.on("add", |call| {
-            let a = call.args["a"].as_f64().unwrap_or(0.0);
-            let b = call.args["b"].as_f64().unwrap_or(0.0);
-            FakeReply::ok(json!(a + b))
+        self.on("noisy", |call| {
+            FakeReply::ok_with(call.args["value"].clone(), call.attachments.clone())
+        });
+        self.on("async_sleep", |call| {
+            let seconds = call.args["seconds"].as_f64().unwrap_or(0.0);
+XX, |_| FakeReply::killed(9));
+        self.on("add", |call| match (call.args["a"].as_i64(), call.args["b"].as_i64()) {
+            (Some(a), Some(b)) => FakeReply::ok(json!(a + b)),
+            _ => {
+                let a = call.args["a"].as_f64().unwrap_or(0.0);
+                let b = call.args["b"].as_f64().unwrap_or(0.0);
+                FakeReply::ok(json!(a + b))
+            }
         });
         self.on("fail", |call| {
             FakeReply::error(
@@ -186,15 +204,19 @@ impl Script {
                 call.args["message"].as_str().unwrap_or("failed"),
             )
         });
+        // Like Python's time.sleep in a sync handler: CANCEL cannot interrupt it.
         self.on("sleep", |call| {
             let seconds = call.args["seconds"].as_f64().unwrap_or(0.0);
-            FakeReply::ok(json!(seconds)).after(Duration::from_secs_f64(seconds.max(0.0)))
+            FakeReply::ok(call.args["seconds"].clone())
+                .after(Duration::from_secs_f64(seconds.max(0.0)))
+                .ignoring_cancel()
         });
         self.on("stream", |call| {
             let n = call.args["n"].as_u64().unwrap_or(0);
             FakeReply::stream((0..n).map(|i| json!(i)).collect())
         });
         self.on("pid", |call| FakeReply::ok(json!(1000 + call.worker)));
+        self.on("stderr_then_exit", |call| FakeReply::crash(call.args["code"].as_i64().unwrap_or(1) as i32));
         self.on("exit", |call| {
             FakeReply::crash(call.args["code"].as_i64().unwrap_or(1) as i32)
         });

@@ -247,6 +247,7 @@ impl Shared {
                 capacity,
                 retiring: false,
                 killed: None,
+                settling: 0,
                 calls: 0,
                 recycle_after,
                 started: now,

@@ -102,6 +102,8 @@ impl Drop for InFlight {
         let id = self.id;
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
+                // Marked before anyone else can check the worker out.
+                lease.shared.set_settling(lease.seq, true);
                 handle.spawn(settle(lease, id, replies));
             }
             Err(_) => {
@@ -116,7 +118,8 @@ impl Drop for InFlight {
 }
 
 /// Sends CANCEL and keeps the slot until the worker answers or `cancel_grace` runs out; then kills
-/// the worker, because a worker that may still answer must never serve another call.
+/// the worker, because a worker that may still answer must never serve another call. The caller
+/// has marked the worker as settling, which keeps new calls away until this ends.
 async fn settle(lease: Lease, id: u64, mut replies: mpsc::UnboundedReceiver<Reply>) {
     let shared = lease.shared.clone();
     Metrics::inc(&shared.metrics.cancels_sent);
@@ -143,6 +146,7 @@ async fn settle(lease: Lease, id: u64, mut replies: mpsc::UnboundedReceiver<Repl
         lease.conn.forget(id);
         shared.kill_worker(lease.seq, "did not answer CANCEL within cancel_grace");
     }
+    shared.set_settling(lease.seq, false);
     drop(lease);
 }
 

@@ -789,6 +789,18 @@ impl Shared {
         None
     }
 
+    /// Marks a cancelled call on worker `seq` as unconfirmed (`true`) or settled (`false`).
+    pub(crate) fn set_settling(&self, seq: u64, settling: bool) {
+        let mut state = lock(&self.state);
+        if let Some(slot) = state.workers.get_mut(&seq) {
+            if settling {
+                slot.settling += 1;
+            } else {
+                slot.settling = slot.settling.saturating_sub(1);
+            }
+        }
+    }
+
     /// Kills a worker that cannot be trusted any more; the reader's exit report replaces it.
     pub(crate) fn kill_worker(&self, seq: u64, reason: &str) {
         let mut state = lock(&self.state);

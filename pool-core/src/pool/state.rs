@@ -23,6 +23,9 @@ pub(crate) struct Slot {
     pub retiring: bool,
     /// Set when the pool killed the worker, with the reason.
     pub killed: Option<String>,
+    /// Cancelled calls the worker has not confirmed yet. While any is pending the worker may still
+    /// be busy with it (or answer it), so it takes no new calls.
+    pub settling: usize,
     pub calls: u64,
     pub recycle_after: Option<u64>,
     pub started: Instant,
@@ -34,7 +37,7 @@ pub(crate) struct Slot {
 
 impl Slot {
     pub fn available(&self) -> bool {
-        !self.retiring && self.in_flight < self.capacity
+        !self.retiring && self.settling == 0 && self.in_flight < self.capacity
     }
 }
 

@@ -65,7 +65,10 @@ async fn finish(target: &dyn Target, pool: Pool, mut pids_seen: Vec<u32>) {
     pids_seen.extend(pids(&pool));
     pool.shutdown(Duration::from_secs(10)).await;
     for pid in pids_seen {
-        assert!(!target.process_exists(pid), "worker process {pid} left behind after shutdown");
+        assert!(
+            !target.process_exists(pid),
+            "worker process {pid} left behind after shutdown"
+        );
     }
 }
 
@@ -105,7 +108,9 @@ pub async fn echo_binary_values(target: &dyn Target) {
         let placeholder = args.attach(Bytes::from(data.clone()));
         args.value["value"] = placeholder;
         let reply = ok(pool.call("echo", args).await);
-        let back = reply.as_bytes().unwrap_or_else(|| panic!("no bytes in {:?}", reply.value));
+        let back = reply
+            .as_bytes()
+            .unwrap_or_else(|| panic!("no bytes in {:?}", reply.value));
         assert_eq!(back.len(), size);
         assert!(back[..] == data[..], "{size}-byte echo differs");
     }
@@ -116,17 +121,30 @@ pub async fn echo_binary_values(target: &dyn Target) {
 pub async fn handler_exception(target: &dyn Target) {
     let pool = start(target, config(target).size(1)).await;
     let pid_before = pids(&pool);
-    let err = pool.call("fail", json!({"message": "bad input"})).await.unwrap_err();
+    let err = pool
+        .call("fail", json!({"message": "bad input"}))
+        .await
+        .unwrap_err();
     match &err {
         Error::Handler { error, .. } => {
             assert_eq!(error.kind, "ValueError");
             assert_eq!(error.message, "bad input");
-            assert!(error.traceback.as_deref().unwrap_or("").contains("fail"), "{error:?}");
+            assert!(
+                error.traceback.as_deref().unwrap_or("").contains("fail"),
+                "{error:?}"
+            );
         }
         other => panic!("expected a handler error, got {other}"),
     }
-    assert_eq!(ok(pool.call("add", json!({"a": 1, "b": 1})).await).value, json!(2));
-    assert_eq!(pids(&pool), pid_before, "the worker must survive a handler exception");
+    assert_eq!(
+        ok(pool.call("add", json!({"a": 1, "b": 1})).await).value,
+        json!(2)
+    );
+    assert_eq!(
+        pids(&pool),
+        pid_before,
+        "the worker must survive a handler exception"
+    );
     finish(target, pool, pid_before).await;
 }
 
@@ -141,7 +159,10 @@ pub async fn unknown_command(target: &dyn Target) {
         }
         other => panic!("expected UnknownCommand, got {other}"),
     }
-    assert_eq!(ok(pool.call("echo", json!({"value": 1})).await).value, json!(1));
+    assert_eq!(
+        ok(pool.call("echo", json!({"value": 1})).await).value,
+        json!(1)
+    );
     finish(target, pool, Vec::new()).await;
 }
 
@@ -162,16 +183,36 @@ pub async fn overrunning_handler_is_killed_and_replaced(target: &dyn Target) {
     let pool = start(target, config(target).size(1)).await;
     let first = pids(&pool);
     let err = pool
-        .call_with("sleep", json!({"seconds": 30}), CallOptions::new().timeout(Duration::from_millis(500)))
+        .call_with(
+            "sleep",
+            json!({"seconds": 30}),
+            CallOptions::new().timeout(Duration::from_millis(500)),
+        )
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::Timeout { kind: TimeoutKind::Deadline, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::Timeout {
+                kind: TimeoutKind::Deadline,
+                ..
+            }
+        ),
+        "{err}"
+    );
     let reply = ok(pool.call("echo", json!({"value": "after"})).await);
     assert_eq!(reply.value, json!("after"));
     if target.real_processes() {
-        assert_ne!(pids(&pool), first, "the overrunning worker must have been replaced");
+        assert_ne!(
+            pids(&pool),
+            first,
+            "the overrunning worker must have been replaced"
+        );
         for pid in &first {
-            assert!(!target.process_exists(*pid), "killed worker {pid} not reaped");
+            assert!(
+                !target.process_exists(*pid),
+                "killed worker {pid} not reaped"
+            );
         }
     }
     assert_eq!(pool.stats().counters.killed, 1);
@@ -191,14 +232,19 @@ pub async fn exit_mid_call_is_a_crash_with_code_and_stderr(target: &dyn Target) 
     }
     if target.real_processes() {
         let err = pool
-            .call("stderr_then_exit", json!({"code": 4, "line": "fatal: model file missing"}))
+            .call(
+                "stderr_then_exit",
+                json!({"code": 4, "line": "fatal: model file missing"}),
+            )
             .await
             .unwrap_err();
         match &err {
             Error::WorkerCrashed { exit, .. } => {
                 assert_eq!(exit.exit.and_then(|e| e.code), Some(4), "{err}");
                 assert!(
-                    exit.stderr_tail.iter().any(|l| l.contains("fatal: model file missing")),
+                    exit.stderr_tail
+                        .iter()
+                        .any(|l| l.contains("fatal: model file missing")),
                     "stderr tail lacks the line: {:?}",
                     exit.stderr_tail
                 );
@@ -206,7 +252,10 @@ pub async fn exit_mid_call_is_a_crash_with_code_and_stderr(target: &dyn Target) 
             other => panic!("expected a crash, got {other}"),
         }
     }
-    assert_eq!(ok(pool.call("echo", json!({"value": 1})).await).value, json!(1));
+    assert_eq!(
+        ok(pool.call("echo", json!({"value": 1})).await).value,
+        json!(1)
+    );
     finish(target, pool, first).await;
 }
 
@@ -221,7 +270,10 @@ pub async fn sigkill_mid_call_is_a_crash_with_signal(target: &dyn Target) {
         }
         other => panic!("expected a crash, got {other}"),
     }
-    assert_eq!(ok(pool.call("echo", json!({"value": 1})).await).value, json!(1));
+    assert_eq!(
+        ok(pool.call("echo", json!({"value": 1})).await).value,
+        json!(1)
+    );
     finish(target, pool, first).await;
 }
 
@@ -236,29 +288,47 @@ pub async fn broken_app_fails_start_with_the_import_error(target: &dyn Target) {
     let err = Pool::start(config, target.launcher()).await.unwrap_err();
     match &err {
         Error::StartFailed { reason, .. } => {
-            assert!(reason.contains("missing_dependency"), "start error lacks the import error: {reason}");
+            assert!(
+                reason.contains("missing_dependency"),
+                "start error lacks the import error: {reason}"
+            );
         }
         other => panic!("expected StartFailed, got {other}"),
     }
     // Fails on the first STARTUP_ERROR, not after retries or timeouts (generous bound: the
     // interpreter start itself).
-    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
 }
 
 /// Strict affinity keeps per-session state on one worker; `end()` drops it.
 pub async fn session_state_with_strict_affinity(target: &dyn Target) {
     let pool = start(target, config(target).size(3)).await;
     let session = pool.session_with("user-7", Affinity::Strict);
-    ok(session.call("remember", json!({"key": "name", "value": "Ada"})).await);
+    ok(session
+        .call("remember", json!({"key": "name", "value": "Ada"}))
+        .await);
     for _ in 0..6 {
         ok(pool.call("echo", json!({"value": 0})).await);
-        assert_eq!(ok(session.call("recall", json!({"key": "name"})).await).value, json!("Ada"));
+        assert_eq!(
+            ok(session.call("recall", json!({"key": "name"})).await).value,
+            json!("Ada")
+        );
     }
     let other = pool.session_with("user-8", Affinity::Strict);
-    assert_eq!(ok(other.call("recall", json!({"key": "name"})).await).value, json!(null));
+    assert_eq!(
+        ok(other.call("recall", json!({"key": "name"})).await).value,
+        json!(null)
+    );
     session.end().await;
     let again = pool.session_with("user-7", Affinity::Strict);
-    assert_eq!(ok(again.call("recall", json!({"key": "name"})).await).value, json!(null));
+    assert_eq!(
+        ok(again.call("recall", json!({"key": "name"})).await).value,
+        json!(null)
+    );
     finish(target, pool, Vec::new()).await;
 }
 
@@ -266,7 +336,10 @@ pub async fn session_state_with_strict_affinity(target: &dyn Target) {
 pub async fn async_calls_run_concurrently_in_one_worker(target: &dyn Target) {
     let pool = start(target, config(target).size(1)).await;
     let capacity = pool.status().workers[0].max_in_flight;
-    assert!(capacity >= 4, "the conformance app announces max_in_flight 4, got {capacity}");
+    assert!(
+        capacity >= 4,
+        "the conformance app announces max_in_flight 4, got {capacity}"
+    );
     let calls = (0..4).map(|_| pool.call("async_sleep", json!({"seconds": 2})));
     let watch = async {
         // All four must be in flight on the one worker at the same moment.
@@ -293,7 +366,10 @@ pub async fn stream_of_a_thousand_chunks(target: &dyn Target) {
     };
     let items: Vec<_> = stream.map(|item| ok(item).value).collect().await;
     assert_eq!(items, (0..1000).map(|i| json!(i)).collect::<Vec<_>>());
-    assert_eq!(ok(pool.call("stream", json!({"n": 3})).await).value, json!([0, 1, 2]));
+    assert_eq!(
+        ok(pool.call("stream", json!({"n": 3})).await).value,
+        json!([0, 1, 2])
+    );
     finish(target, pool, Vec::new()).await;
 }
 
@@ -315,7 +391,10 @@ pub async fn drop_leaves_no_process(target: &dyn Target) {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         // Reaping after a kill is asynchronous: wait for this pid to go, with a bound.
         while target.process_exists(pid) {
-            assert!(std::time::Instant::now() < deadline, "worker {pid} survived the pool's drop");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "worker {pid} survived the pool's drop"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }

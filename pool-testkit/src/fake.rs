@@ -216,7 +216,11 @@ impl Launcher for FakeLauncher {
         let task = tokio::spawn(async move {
             let code = worker.run(peer, behavior).await;
             // Negative codes stand for death by signal, as in Python's subprocess.
-            let (code, signal) = if code < 0 { (None, Some(-code)) } else { (Some(code), None) };
+            let (code, signal) = if code < 0 {
+                (None, Some(-code))
+            } else {
+                (Some(code), None)
+            };
             task_exit.send_if_modified(|exit| set_exit(exit, code, signal));
             mark_gone(&task_registry, pid);
         });
@@ -459,7 +463,10 @@ impl FakeWorker {
                             known.sort();
                             FakeReply::error(
                                 "UnknownCommand",
-                                &format!("unknown command '{command}'; known: {}", known.join(", ")),
+                                &format!(
+                                    "unknown command '{command}'; known: {}",
+                                    known.join(", ")
+                                ),
                             )
                         }
                     };

@@ -181,7 +181,11 @@ impl Script {
     /// per-session state in the worker.
     fn add_standard_commands(&mut self) {
         self.on("echo", |call| {
-            let value = call.args.get("value").cloned().unwrap_or_else(|| call.args.clone());
+            let value = call
+                .args
+                .get("value")
+                .cloned()
+                .unwrap_or_else(|| call.args.clone());
             FakeReply::ok_with(value, call.attachments.clone())
         });
         self.on("noisy", |call| {
@@ -189,13 +193,18 @@ impl Script {
         });
         self.on("async_sleep", |call| {
             let seconds = call.args["seconds"].as_f64().unwrap_or(0.0);
-XX, |_| FakeReply::killed(9));
-        self.on("add", |call| match (call.args["a"].as_i64(), call.args["b"].as_i64()) {
-            (Some(a), Some(b)) => FakeReply::ok(json!(a + b)),
-            _ => {
-                let a = call.args["a"].as_f64().unwrap_or(0.0);
-                let b = call.args["b"].as_f64().unwrap_or(0.0);
-                FakeReply::ok(json!(a + b))
+            FakeReply::ok(call.args["seconds"].clone())
+                .after(Duration::from_secs_f64(seconds.max(0.0)))
+        });
+        self.on("kill_self", |_| FakeReply::killed(9));
+        self.on("add", |call| {
+            match (call.args["a"].as_i64(), call.args["b"].as_i64()) {
+                (Some(a), Some(b)) => FakeReply::ok(json!(a + b)),
+                _ => {
+                    let a = call.args["a"].as_f64().unwrap_or(0.0);
+                    let b = call.args["b"].as_f64().unwrap_or(0.0);
+                    FakeReply::ok(json!(a + b))
+                }
             }
         });
         self.on("fail", |call| {
@@ -216,7 +225,9 @@ XX, |_| FakeReply::killed(9));
             FakeReply::stream((0..n).map(|i| json!(i)).collect())
         });
         self.on("pid", |call| FakeReply::ok(json!(1000 + call.worker)));
-        self.on("stderr_then_exit", |call| FakeReply::crash(call.args["code"].as_i64().unwrap_or(1) as i32));
+        self.on("stderr_then_exit", |call| {
+            FakeReply::crash(call.args["code"].as_i64().unwrap_or(1) as i32)
+        });
         self.on("exit", |call| {
             FakeReply::crash(call.args["code"].as_i64().unwrap_or(1) as i32)
         });

@@ -540,7 +540,10 @@ impl FakeWorker {
 }
 
 async fn perform(id: u64, command: String, reply: FakeReply, events: mpsc::UnboundedSender<Event>) {
-    tokio::time::sleep(reply.latency).await;
+    // A zero sleep would still wait for the timer wheel's next millisecond tick.
+    if !reply.latency.is_zero() {
+        tokio::time::sleep(reply.latency).await;
+    }
     let send = |msg: Message| {
         let _ = events.send(Event::Send(msg, Vec::new()));
     };

@@ -1,0 +1,308 @@
+"""pypool wire protocol v1: framing and body codec (see PROTOCOL.md).
+
+A frame is ``u32 BE length`` + body; a body is ``codec byte`` + ``u32 BE header_len`` + header +
+attachments. Byte strings inside values never go through the header codec: they travel as raw
+attachments and the header holds ``{"__pypool_att__": N}`` in their place.
+
+This module is pure stdlib (msgpack is used only when importable) and has no state, so both the
+worker and the tests use it.
+"""
+
+import json
+import math
+import os
+import struct
+
+try:  # optional: the pool picks msgpack only when both sides announce it
+    import msgpack as _msgpack
+except ImportError:  # pragma: no cover - depends on the environment
+    _msgpack = None
+
+PROTOCOL_VERSION = 1
+
+JSON = "json"
+MSGPACK = "msgpack"
+_CODEC_BYTE = {JSON: 0x4A, MSGPACK: 0x4D}
+_BYTE_CODEC = {v: k for k, v in _CODEC_BYTE.items()}
+
+DEFAULT_MAX_FRAME = 256 * 1024 * 1024
+ATT_KEY = "__pypool_att__"
+
+_LEN = struct.Struct(">I")
+_FRAME_PREFIX = struct.Struct(">IBI")  # frame length, codec byte, header length
+_ATT_KEY_BYTES = ATT_KEY.encode("ascii")
+
+try:
+    _IOV_MAX = os.sysconf("SC_IOV_MAX")
+except (AttributeError, ValueError, OSError):  # pragma: no cover - non-POSIX
+    _IOV_MAX = 1024
+if _IOV_MAX <= 0:  # pragma: no cover - "no limit" is reported as -1 on some systems
+    _IOV_MAX = 1024
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not valid protocol; the channel cannot continue."""
+
+
+class FrameTooLarge(ValueError):
+    """An outgoing frame would exceed the negotiated ``max_frame``."""
+
+
+# Errors raised by this package are reported under the public package name.
+ProtocolError.__module__ = "pypool_worker"
+FrameTooLarge.__module__ = "pypool_worker"
+
+
+def available_codecs():
+    """Codecs this interpreter can read and write, for HELLO."""
+    return [JSON, MSGPACK] if _msgpack is not None else [JSON]
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding
+
+
+def _as_attachment(value):
+    """Return a buffer that os.writev/sendmsg can write without copying, or a copy if it must."""
+    if isinstance(value, memoryview):
+        if value.c_contiguous:
+            # cast() gives a flat byte view, so len() is the byte count whatever the item format.
+            return value.cast("B") if (value.ndim != 1 or value.format != "B") else value
+        return value.tobytes()
+    return value  # bytes and bytearray are written as they are
+
+
+def _msgpack_key(key):
+    # Mirror what json.dumps does with non-string keys, so a handler's result means the same
+    # thing under both codecs (the pool's values are JSON-shaped: string keys only).
+    if isinstance(key, str):
+        return key
+    if key is True:
+        return "true"
+    if key is False:
+        return "false"
+    if key is None:
+        return "null"
+    if isinstance(key, (int, float)):
+        return json.dumps(key)
+    raise TypeError("keys must be str, int, float, bool or None, not %s" % type(key).__name__)
+
+
+def _extract_for_msgpack(value, atts):
+    """Copy ``value`` replacing byte strings by placeholders (msgpack would inline them as bin)."""
+    t = type(value)
+    if t is str or t is int or t is bool or value is None:
+        return value
+    if t is float:
+        if not math.isfinite(value):
+            raise ValueError("Out of range float values are not JSON compliant")
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        atts.append(_as_attachment(value))
+        return {ATT_KEY: len(atts) - 1}
+    if isinstance(value, dict):
+        return {_msgpack_key(k): _extract_for_msgpack(v, atts) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_extract_for_msgpack(v, atts) for v in value]
+    return value  # anything else: msgpack accepts it (int/str subclasses) or raises TypeError
+
+
+def encode_body(header, codec=JSON):
+    """Encode one message; return the list of buffers making up the body (no frame prefix).
+
+    The first buffer is the codec byte + header length + header; the rest are attachments, kept
+    as the caller's objects so that large byte strings are never copied.
+    """
+    atts = []
+    if codec == JSON:
+
+        def default(obj):
+            # json calls this, in output order, for every value it cannot encode itself.
+            if isinstance(obj, (bytes, bytearray, memoryview)):
+                atts.append(_as_attachment(obj))
+                return {ATT_KEY: len(atts) - 1}
+            raise TypeError("Object of type %s is not JSON serializable" % type(obj).__name__)
+
+        # allow_nan=False: NaN/Infinity are not JSON and would make the pool drop the worker.
+        text = json.dumps(header, default=default, ensure_ascii=False, separators=(",", ":"),
+                          allow_nan=False)
+        if atts:
+            # The attachment lengths are only known after encoding; re-encode the tiny tail
+            # rather than walking the value twice.
+            sep = "," if len(text) > 2 else ""  # "{}" has no member to follow
+            text = text[:-1] + sep + '"att":' + json.dumps([_nbytes(a) for a in atts]) + "}"
+        head = text.encode("utf-8")
+    elif codec == MSGPACK:
+        if _msgpack is None:
+            raise ProtocolError("msgpack codec requested but msgpack is not installed")
+        header = _extract_for_msgpack(header, atts)
+        if atts:
+            header["att"] = [_nbytes(a) for a in atts]
+        head = _msgpack.packb(header, use_bin_type=True)
+    else:
+        raise ValueError("unknown codec %r" % (codec,))
+    return [struct.pack(">BI", _CODEC_BYTE[codec], len(head)) + head] + atts
+
+
+def encode_frame(header, codec=JSON, max_frame=DEFAULT_MAX_FRAME):
+    """Encode one message as a list of buffers: the whole frame, length prefix included.
+
+    Raises FrameTooLarge (before anything is written) if the body would exceed ``max_frame``.
+    """
+    parts = encode_body(header, codec)
+    size = sum(_nbytes(p) for p in parts)
+    if size > max_frame:
+        raise FrameTooLarge("%s message of %d bytes exceeds max_frame %d"
+                            % (header.get("type", "?"), size, max_frame))
+    parts[0] = _LEN.pack(size) + parts[0]
+    return parts
+
+
+def _nbytes(buf):
+    return buf.nbytes if isinstance(buf, memoryview) else len(buf)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _is_u64(value):
+    return type(value) is int and value >= 0
+
+
+def _resolve_placeholders(value, atts):
+    """Replace placeholder maps by their attachment bytes, in place where possible."""
+    if type(value) is dict:
+        if len(value) == 1 and ATT_KEY in value:
+            index = value[ATT_KEY]
+            if not _is_u64(index) or index >= len(atts):
+                raise ProtocolError("attachment placeholder %r out of range (%d attachments)"
+                                    % (index, len(atts)))
+            return atts[index]
+        for key, item in value.items():
+            if type(item) is dict or type(item) is list:
+                value[key] = _resolve_placeholders(item, atts)
+        return value
+    if type(value) is list:
+        for i, item in enumerate(value):
+            if type(item) is dict or type(item) is list:
+                value[i] = _resolve_placeholders(item, atts)
+        return value
+    return value
+
+
+def decode_body(body):
+    """Decode one frame body into its header dict, attachments already substituted as bytes."""
+    mv = memoryview(body)
+    size = len(mv)
+    if size < 5:
+        raise ProtocolError("frame body of %d bytes is shorter than its 5-byte prefix" % size)
+    codec_byte = mv[0]
+    (header_len,) = _LEN.unpack(mv[1:5])
+    if 5 + header_len > size:
+        raise ProtocolError("header length %d exceeds the %d-byte body" % (header_len, size))
+    raw = mv[5:5 + header_len]
+    codec = _BYTE_CODEC.get(codec_byte)
+    try:
+        if codec == JSON:
+            text = str(raw, "utf-8")
+            mentions_placeholder = ATT_KEY in text
+            header = json.loads(text)
+        elif codec == MSGPACK:
+            if _msgpack is None:
+                raise ProtocolError("received a msgpack frame but msgpack is not installed")
+            packed = bytes(raw)
+            mentions_placeholder = _ATT_KEY_BYTES in packed
+            header = _msgpack.unpackb(packed, raw=False, strict_map_key=False)
+        else:
+            raise ProtocolError("unknown codec byte 0x%02x" % codec_byte)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # any decoder failure means the same thing: a bad header
+        raise ProtocolError("cannot decode %s header: %s" % (codec, exc)) from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header is a %s, not a map" % type(header).__name__)
+    if not isinstance(header.get("type"), str):
+        raise ProtocolError("header has no string 'type' field")
+
+    lengths = header.get("att")
+    if lengths is None:
+        lengths = []
+    if not isinstance(lengths, list) or not all(_is_u64(n) for n in lengths):
+        raise ProtocolError("'att' must be a list of non-negative integers")
+    expected = 5 + header_len + sum(lengths)
+    if expected != size:
+        raise ProtocolError("body is %d bytes but its header announces %d" % (size, expected))
+
+    # Skip the walk for the common attachment-free message; still walk if a placeholder appears,
+    # so that a dangling placeholder is rejected instead of reaching a handler as a dict.
+    if lengths or mentions_placeholder:
+        atts = []
+        offset = 5 + header_len
+        for n in lengths:
+            atts.append(bytes(mv[offset:offset + n]))
+            offset += n
+        header = _resolve_placeholders(header, atts)
+    return header
+
+
+# --------------------------------------------------------------------------------------------
+# Framing over a byte stream
+
+
+def _read_exact(readinto, view):
+    """Fill ``view``; return the number of bytes read (less than len(view) only at EOF)."""
+    total = 0
+    size = len(view)
+    while total < size:
+        n = readinto(view[total:])
+        if not n:
+            break
+        total += n
+    return total
+
+
+def read_frame(readinto, max_frame=DEFAULT_MAX_FRAME):
+    """Read one frame body with ``readinto(memoryview) -> int``; None on a clean EOF.
+
+    The length is checked against ``max_frame`` before the body buffer is allocated, so a
+    corrupt or hostile length cannot make the reader allocate gigabytes.
+    """
+    prefix = bytearray(4)
+    got = _read_exact(readinto, memoryview(prefix))
+    if got == 0:
+        return None
+    if got < 4:
+        raise ProtocolError("channel closed inside a frame length")
+    (length,) = _LEN.unpack(prefix)
+    if length == 0:
+        raise ProtocolError("zero-length frame")
+    if length > max_frame:
+        raise ProtocolError("frame of %d bytes exceeds max_frame %d" % (length, max_frame))
+    body = bytearray(length)
+    if _read_exact(readinto, memoryview(body)) < length:
+        raise ProtocolError("channel closed inside a %d-byte frame" % length)
+    return body
+
+
+def write_all(writev, parts):
+    """Write every buffer in ``parts`` with ``writev(list_of_buffers) -> int``.
+
+    Handles partial writes and IOV_MAX without joining the buffers into one copy.
+    """
+    views = [memoryview(p).cast("B") if not isinstance(p, memoryview) else p for p in parts]
+    i = 0
+    while i < len(views):
+        written = writev(views[i:i + _IOV_MAX])
+        if written <= 0 and len(views[i]):
+            raise BrokenPipeError("the channel accepted no bytes")
+        while written > 0:
+            n = len(views[i])
+            if written >= n:
+                written -= n
+                i += 1
+            else:
+                views[i] = views[i][written:]
+                written = 0
+        while i < len(views) and len(views[i]) == 0:  # empty attachments need no syscall
+            i += 1

@@ -1,0 +1,228 @@
+"""Framing and body codec (PROTOCOL.md sections 1 and 2), without any process."""
+
+import array
+import json
+import struct
+import unittest
+
+import wire  # noqa: F401  (puts the package on sys.path)
+from pypool_worker import protocol
+from pypool_worker.protocol import FrameTooLarge, ProtocolError
+
+try:
+    import msgpack
+except ImportError:
+    msgpack = None
+
+
+def roundtrip(header, codec=protocol.JSON):
+    parts = protocol.encode_frame(header, codec)
+    data = b"".join(bytes(p) for p in parts)
+    (length,) = struct.unpack(">I", data[:4])
+    assert length == len(data) - 4
+    return protocol.decode_body(data[4:])
+
+
+def reader_over(data):
+    """A readinto() over ``data`` that records how much each call asked for."""
+    view = memoryview(data)
+    state = {"pos": 0, "asked": []}
+
+    def readinto(buf):
+        state["asked"].append(len(buf))
+        n = min(len(buf), len(view) - state["pos"], 7)  # short reads, like a pipe
+        buf[:n] = view[state["pos"]:state["pos"] + n]
+        state["pos"] += n
+        return n
+
+    return readinto, state
+
+
+def body(codec_byte, header_bytes, attachments=b""):
+    return bytes([codec_byte]) + struct.pack(">I", len(header_bytes)) + header_bytes + attachments
+
+
+class JsonCodecTest(unittest.TestCase):
+    def test_plain_values_roundtrip(self):
+        value = {"s": "héllo ✓", "i": 2 ** 52, "neg": -3, "f": 1.5, "n": None, "t": True,
+                 "l": [1, [2, {"x": []}]], "empty": {}}
+        out = roundtrip({"type": "result", "id": 1, "ok": value})
+        self.assertEqual(out["ok"], value)
+        self.assertNotIn("att", out)
+
+    def test_bytes_become_attachments_and_come_back_as_bytes(self):
+        data = bytes(range(256)) * 10
+        value = {"a": data, "b": [bytearray(b"xy"), memoryview(b"\x00\x01\x02")], "c": b""}
+        parts = protocol.encode_frame({"type": "result", "id": 2, "ok": value})
+        header = json.loads(bytes(parts[0])[9:].decode("utf-8"))
+        self.assertEqual(header["att"], [2560, 2, 3, 0])
+        self.assertEqual(header["ok"]["a"], {"__pypool_att__": 0})
+        self.assertEqual(header["ok"]["b"], [{"__pypool_att__": 1}, {"__pypool_att__": 2}])
+        # large byte strings are passed through as the caller's object, not copied
+        self.assertIs(parts[1], data)
+        out = roundtrip({"type": "result", "id": 2, "ok": value})
+        self.assertEqual(out["ok"], {"a": data, "b": [b"xy", b"\x00\x01\x02"], "c": b""})
+        self.assertIs(type(out["ok"]["b"][0]), bytes)
+
+    def test_memoryview_of_wider_items_is_sent_as_its_bytes(self):
+        ints = array.array("i", [1, 2, 3])
+        out = roundtrip({"type": "result", "id": 3, "ok": memoryview(ints)})
+        self.assertEqual(out["ok"], ints.tobytes())
+        strided = memoryview(b"abcdef")[::2]
+        self.assertEqual(roundtrip({"type": "result", "id": 4, "ok": strided})["ok"], b"ace")
+
+    def test_protocol_md_example_bytes(self):
+        # PROTOCOL.md section 8, computed rather than copied: its printed lengths are off.
+        header = b'{"type":"call","id":7,"command":"echo","args":{"data":{"__pypool_att__":0}},"att":[2]}'
+        expected_body = body(0x4A, header, b"\x00\x01")
+        expected = struct.pack(">I", len(expected_body)) + expected_body
+        msg = {"type": "call", "id": 7, "command": "echo", "args": {"data": b"\x00\x01"}}
+        self.assertEqual(b"".join(bytes(p) for p in protocol.encode_frame(msg)), expected)
+        decoded = protocol.decode_body(expected_body)
+        self.assertEqual(decoded["args"], {"data": b"\x00\x01"})
+
+    def test_unencodable_values_raise_before_anything_is_written(self):
+        with self.assertRaises(TypeError):
+            protocol.encode_frame({"type": "result", "id": 1, "ok": {1, 2}})
+        with self.assertRaises(ValueError):
+            protocol.encode_frame({"type": "result", "id": 1, "ok": float("nan")})
+
+    def test_frame_larger_than_max_frame_is_refused(self):
+        msg = {"type": "result", "id": 1, "ok": b"x" * 1000}
+        with self.assertRaises(FrameTooLarge):
+            protocol.encode_frame(msg, max_frame=1000)
+        protocol.encode_frame(msg, max_frame=2000)
+
+
+@unittest.skipIf(msgpack is None, "msgpack is not installed")
+class MsgpackCodecTest(unittest.TestCase):
+    def test_roundtrip(self):
+        value = {"s": "héllo", "i": 2 ** 52, "f": 0.25, "n": None, "l": [1, 2, {"t": False}]}
+        out = roundtrip({"type": "result", "id": 1, "ok": value}, protocol.MSGPACK)
+        self.assertEqual(out["ok"], value)
+
+    def test_bytes_are_attachments_not_inline_bin(self):
+        msg = {"type": "chunk", "id": 1, "seq": 0, "value": (b"abc", bytearray(b"de"))}
+        parts = protocol.encode_frame(msg, protocol.MSGPACK)
+        raw = bytes(parts[0])
+        self.assertEqual(raw[4], 0x4D)
+        header = msgpack.unpackb(raw[9:], raw=False)
+        self.assertEqual(header["value"], [{"__pypool_att__": 0}, {"__pypool_att__": 1}])
+        self.assertEqual(header["att"], [3, 2])
+        self.assertEqual(roundtrip(msg, protocol.MSGPACK)["value"], [b"abc", b"de"])
+
+    def test_non_string_keys_match_json(self):
+        value = {3: "a", 2.5: "b", True: "c", None: "d"}
+        json_out = roundtrip({"type": "result", "id": 1, "ok": value})["ok"]
+        mp_out = roundtrip({"type": "result", "id": 1, "ok": value}, protocol.MSGPACK)["ok"]
+        self.assertEqual(json_out, mp_out)
+
+    def test_nan_is_refused_like_json(self):
+        with self.assertRaises(ValueError):
+            protocol.encode_frame({"type": "result", "id": 1, "ok": [float("inf")]},
+                                  protocol.MSGPACK)
+
+
+class DecodeErrorsTest(unittest.TestCase):
+    def assertBad(self, data):
+        with self.assertRaises(ProtocolError):
+            protocol.decode_body(data)
+
+    def test_short_body(self):
+        self.assertBad(b"J\x00\x00")
+
+    def test_unknown_codec_byte(self):
+        self.assertBad(body(0x58, b'{"type":"ping","id":1}'))
+
+    def test_header_longer_than_body(self):
+        self.assertBad(b"J\x00\x00\x00\x50{}")
+
+    def test_bad_json(self):
+        self.assertBad(body(0x4A, b'{"type":'))
+
+    def test_header_not_a_map(self):
+        self.assertBad(body(0x4A, b'[1,2]'))
+
+    def test_missing_type(self):
+        self.assertBad(body(0x4A, b'{"id":1}'))
+
+    def test_attachment_lengths_must_add_up(self):
+        self.assertBad(body(0x4A, b'{"type":"call","att":[3]}', b"ab"))
+        self.assertBad(body(0x4A, b'{"type":"call","att":[1]}', b"ab"))
+        self.assertBad(body(0x4A, b'{"type":"call"}', b"ab"))
+        self.assertBad(body(0x4A, b'{"type":"call","att":[-1]}', b""))
+        self.assertBad(body(0x4A, b'{"type":"call","att":"2"}', b"ab"))
+
+    def test_placeholder_out_of_range(self):
+        self.assertBad(body(0x4A, b'{"type":"call","args":{"__pypool_att__":1},"att":[1]}', b"a"))
+        self.assertBad(body(0x4A, b'{"type":"call","args":[{"__pypool_att__":0}]}'))
+
+    def test_map_with_more_keys_is_not_a_placeholder(self):
+        header = b'{"type":"call","args":{"__pypool_att__":0,"x":1}}'
+        self.assertEqual(protocol.decode_body(body(0x4A, header))["args"],
+                         {"__pypool_att__": 0, "x": 1})
+
+
+class FramingTest(unittest.TestCase):
+    def test_reads_frames_across_short_reads(self):
+        frames = [b"".join(bytes(p) for p in protocol.encode_frame(
+            {"type": "ping", "id": i, "pad": "x" * i * 5})) for i in range(4)]
+        readinto, _ = reader_over(b"".join(frames))
+        for i in range(4):
+            self.assertEqual(protocol.decode_body(protocol.read_frame(readinto))["id"], i)
+        self.assertIsNone(protocol.read_frame(readinto))
+
+    def test_oversize_length_is_rejected_before_reading_the_body(self):
+        data = struct.pack(">I", 1 << 31) + b"J"
+        readinto, state = reader_over(data)
+        with self.assertRaisesRegex(ProtocolError, "exceeds max_frame"):
+            protocol.read_frame(readinto, max_frame=1 << 20)
+        # only the 4 length bytes were asked for: no buffer for the body was made
+        self.assertEqual(sum(state["asked"][:1]), 4)
+        self.assertEqual(state["pos"], 4)
+
+    def test_zero_length_frame(self):
+        readinto, _ = reader_over(b"\x00\x00\x00\x00")
+        with self.assertRaises(ProtocolError):
+            protocol.read_frame(readinto)
+
+    def test_truncated_frames(self):
+        for data in (b"\x00\x00", b"\x00\x00\x00\x10J\x00"):
+            readinto, _ = reader_over(data)
+            with self.assertRaises(ProtocolError):
+                protocol.read_frame(readinto)
+
+    def test_write_all_survives_partial_writes(self):
+        out = bytearray()
+        calls = []
+
+        def writev(bufs):
+            calls.append(len(bufs))
+            n = 0
+            for b in bufs:  # accept at most 5 bytes per call
+                take = min(len(b), 5 - n)
+                out.extend(bytes(b[:take]))
+                n += take
+                if n == 5:
+                    break
+            return n
+
+        parts = [b"hello world", bytearray(b"!!"), b"", memoryview(b"0123456789")[2:8]]
+        protocol.write_all(writev, parts)
+        self.assertEqual(bytes(out), b"hello world!!234567")
+        self.assertGreater(len(calls), 3)
+
+    def test_write_all_respects_iov_max(self):
+        seen = []
+
+        def writev(bufs):
+            seen.append(len(bufs))
+            return sum(len(b) for b in bufs)
+
+        protocol.write_all(writev, [b"x"] * (protocol._IOV_MAX * 2 + 3))
+        self.assertTrue(all(n <= protocol._IOV_MAX for n in seen))
+        self.assertEqual(sum(seen), protocol._IOV_MAX * 2 + 3)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -63,7 +63,8 @@ async fn max_calls_jitter_draws_each_workers_limit_within_the_jitter() {
     let launcher = FakeLauncher::builder().build();
     let pool = start(config(1).max_calls(10).max_calls_jitter(5), &launcher).await;
     let mut calls = 0;
-    while launcher.launched() == 1 {
+    // `recycled` counts when the worker's last call is released, before its replacement starts.
+    while pool.stats().counters.recycled == 0 {
         pool.call("echo", json!(1)).await.unwrap();
         calls += 1;
         assert!(calls <= 15, "worker not recycled within max_calls + jitter");

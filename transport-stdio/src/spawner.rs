@@ -1,0 +1,101 @@
+//! The one long-lived thread that spawns every worker process.
+//!
+//! Why a dedicated thread: on Linux a worker asks the kernel (`PR_SET_PDEATHSIG`) to SIGKILL it
+//! when its parent dies, so that a pool killed with SIGKILL leaves no orphans. But "parent" there
+//! means the *thread* that forked the child, not the process: the signal fires as soon as that
+//! thread exits. Tokio's blocking-pool threads exit after being idle for a while, and runtime
+//! worker threads exit when their runtime shuts down, so a worker spawned from one of them would
+//! be killed at some arbitrary later moment while the pool still uses it. Spawning from one
+//! thread that lives as long as the process makes the death signal mean what we want: the pool's
+//! process is gone.
+//!
+//! The thread enters the caller's tokio runtime (through its [`Handle`]) around each spawn, so
+//! the child's pipes and exit notifications are registered with the caller's runtime exactly as
+//! if the caller had spawned it.
+
+use std::io;
+use std::sync::mpsc;
+use std::sync::Mutex;
+
+use tokio::process::{Child, Command};
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+
+struct Request {
+    command: Command,
+    runtime: Handle,
+    reply: oneshot::Sender<io::Result<Child>>,
+}
+
+static SPAWNER: Mutex<Option<mpsc::Sender<Request>>> = Mutex::new(None);
+
+/// Spawns `command` on the spawner thread, registered with the current tokio runtime.
+///
+/// Must be called from within a tokio runtime.
+pub(crate) async fn spawn(command: Command) -> io::Result<Child> {
+    let runtime = Handle::try_current().map_err(|err| io::Error::other(err.to_string()))?;
+    let (reply, answer) = oneshot::channel();
+    let request = Request {
+        command,
+        runtime,
+        reply,
+    };
+    send(request)?;
+    answer
+        .await
+        .map_err(|_| io::Error::other("the pypool spawner thread stopped"))?
+}
+
+fn send(request: Request) -> io::Result<()> {
+    let mut slot = SPAWNER
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let request = match slot.as_ref() {
+        Some(sender) => match sender.send(request) {
+            Ok(()) => return Ok(()),
+            // The thread is gone (it cannot normally stop); start a new one below.
+            Err(mpsc::SendError(request)) => request,
+        },
+        None => request,
+    };
+    let (sender, receiver) = mpsc::channel::<Request>();
+    std::thread::Builder::new()
+        .name("pypool-spawner".to_owned())
+        .spawn(move || run(receiver))?;
+    sender
+        .send(request)
+        .map_err(|_| io::Error::other("the pypool spawner thread stopped"))?;
+    *slot = Some(sender);
+    Ok(())
+}
+
+fn run(requests: mpsc::Receiver<Request>) {
+    // The sender lives in a static, so this loop runs until the process exits.
+    while let Ok(Request {
+        mut command,
+        runtime,
+        reply,
+    }) = requests.recv()
+    {
+        let _entered = runtime.enter();
+        let spawned = command.spawn();
+        if let Err(Ok(child)) = reply.send(spawned) {
+            // The launch was cancelled while we spawned: nobody will own this worker.
+            abandon(child);
+        }
+    }
+}
+
+/// Kills the group of a child nobody will own; dropping it (kill-on-drop) queues it for reaping.
+fn abandon(child: Child) {
+    if let Some(pid) = child.id() {
+        if let Ok(pid) = libc::pid_t::try_from(pid) {
+            // SAFETY: plain syscall; the child is not reaped yet (we own it), so its pid and
+            // process group id cannot have been reused.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
+    }
+    drop(child);
+}

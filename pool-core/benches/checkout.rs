@@ -22,7 +22,10 @@ struct EchoConn {
 impl EchoConn {
     async fn call(&self, value: u64) -> u64 {
         let (reply_tx, reply_rx) = oneshot::channel();
-        self.tx.send((value, reply_tx)).await.expect("echo task alive");
+        self.tx
+            .send((value, reply_tx))
+            .await
+            .expect("echo task alive");
         reply_rx.await.expect("echo task answers")
     }
 }
@@ -87,7 +90,8 @@ fn uncontended(c: &mut Criterion) {
     let dp = deadpool(1);
     let mut group = c.benchmark_group("uncontended");
     group.bench_function("pypool/call", |b| {
-        b.to_async(&rt).iter(|| async { pool.call("echo", json!({"value": 1})).await.expect("call") })
+        b.to_async(&rt)
+            .iter(|| async { pool.call("echo", json!({"value": 1})).await.expect("call") })
     });
     group.bench_function("deadpool/get+call", |b| {
         b.to_async(&rt).iter(|| async {

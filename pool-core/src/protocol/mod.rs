@@ -4,6 +4,7 @@
 //! implementation. A frame is a 4-byte big-endian length followed by a body; a body is a codec
 //! byte, a 4-byte header length, the header (JSON or MessagePack) and raw binary attachments.
 
+pub mod auth;
 mod codec;
 mod framed;
 mod message;

@@ -192,3 +192,31 @@ async fn a_session_in_use_does_not_expire() {
     assert_eq!(pool.status().sessions[0].calls, 1);
     finish(pool, &launcher).await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_call_on_an_ended_handle_does_not_touch_the_new_session_of_the_same_id() {
+    let launcher = FakeLauncher::builder()
+        .on("long", |_| FakeReply::ok(json!("done")).after(90 * SEC))
+        .build();
+    let pool = start(
+        config(2).session_ttl(60 * SEC).call_timeout(120 * SEC),
+        &launcher,
+    )
+    .await;
+    let old = pool.session("s");
+    old.call("echo", json!(1)).await.unwrap();
+    old.end().await;
+    let new = pool.session("s");
+    let long = tokio::spawn({
+        let new = new.clone();
+        async move { new.call("long", json!(null)).await }
+    });
+    until("long call running", || launcher.calls_seen() == 2).await;
+    let err = old.call("echo", json!(1)).await.unwrap_err();
+    assert!(matches!(err, Error::SessionEnded { .. }), "{err}");
+    // The new session is busy for 90 s, longer than its TTL: it must not expire meanwhile.
+    assert_eq!(long.await.unwrap().unwrap().value, json!("done"));
+    assert_eq!(pool.stats().counters.sessions_expired, 0);
+    assert_eq!(pool.status().sessions[0].calls, 1);
+    finish(pool, &launcher).await;
+}

@@ -822,6 +822,11 @@ impl Shared {
         took: Duration,
         outcome: Outcome<'_>,
     ) {
+        // These errors come from `session_target`, before the call was registered in its session.
+        let registered = !matches!(
+            outcome,
+            Outcome::Failed(Error::SessionEnded { .. } | Error::SessionWorkerLost { .. })
+        );
         let failed = match outcome {
             Outcome::Ok => {
                 Metrics::inc(&self.metrics.calls_ok);
@@ -841,7 +846,7 @@ impl Shared {
             }
             Outcome::Abandoned => false,
         };
-        if let Some(session) = session {
+        if let (Some(session), true) = (session, registered) {
             let mut state = lock(&self.state);
             if let Some(entry) = state.sessions.get_mut(session) {
                 entry.in_flight = entry.in_flight.saturating_sub(1);

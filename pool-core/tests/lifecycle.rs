@@ -110,16 +110,10 @@ async fn shutdown_lets_calls_finish_and_fails_waiters() {
         .on("work", |_| FakeReply::ok(json!("finished")).after(2 * SEC))
         .build();
     let pool = start(config(1), &launcher).await;
-    let running = tokio::spawn({
-        let pool = pool.clone();
-        async move { pool.call("work", json!(null)).await }
-    });
+    let running = spawn_call(&pool, "work", json!(null));
     until("running", || launcher.calls_seen() == 1).await;
     let waiting: Vec<_> = (0..3)
-        .map(|_| {
-            let pool = pool.clone();
-            tokio::spawn(async move { pool.call("work", json!(null)).await })
-        })
+        .map(|_| spawn_call(&pool, "work", json!(null)))
         .collect();
     until("waiting", || pool.stats().gauges.waiters == 3).await;
     let stopped = Instant::now();
@@ -141,10 +135,7 @@ async fn shutdown_grace_bounds_the_wait_for_calls_in_flight() {
         .on("hang", |_| FakeReply::hang())
         .build();
     let pool = start(config(2).call_timeout(600 * SEC), &launcher).await;
-    let running = tokio::spawn({
-        let pool = pool.clone();
-        async move { pool.call("hang", json!(null)).await }
-    });
+    let running = spawn_call(&pool, "hang", json!(null));
     until("running", || launcher.calls_seen() == 1).await;
     let stopped = Instant::now();
     pool.shutdown(3 * SEC).await;

@@ -51,16 +51,10 @@ async fn a_full_queue_refuses_at_once_with_saturated() {
         .on("work", |_| FakeReply::ok(json!(1)).after(SEC))
         .build();
     let pool = start(config(1).max_waiters(2), &launcher).await;
-    let busy = tokio::spawn({
-        let pool = pool.clone();
-        async move { pool.call("work", json!(null)).await }
-    });
+    let busy = spawn_call(&pool, "work", json!(null));
     until("worker busy", || pool.stats().gauges.workers_busy == 1).await;
     let waiting: Vec<_> = (0..2)
-        .map(|_| {
-            let pool = pool.clone();
-            tokio::spawn(async move { pool.call("work", json!(null)).await })
-        })
+        .map(|_| spawn_call(&pool, "work", json!(null)))
         .collect();
     until("two waiting", || pool.stats().gauges.waiters == 2).await;
     let before = Instant::now();
@@ -82,10 +76,7 @@ async fn checkout_timeout_names_pool_session_command_and_wait() {
         .on("work", |_| FakeReply::ok(json!(1)).after(8 * SEC))
         .build();
     let pool = start(config(1).name("models"), &launcher).await;
-    let busy = tokio::spawn({
-        let pool = pool.clone();
-        async move { pool.call("work", json!(null)).await }
-    });
+    let busy = spawn_call(&pool, "work", json!(null));
     until("worker busy", || pool.stats().gauges.workers_busy == 1).await;
     let err = pool
         .session("user-7")
@@ -156,15 +147,9 @@ async fn a_caller_dropped_while_queued_leaves_no_waiter_and_no_slot() {
         .on("work", |_| FakeReply::ok(json!(1)).after(SEC))
         .build();
     let pool = start(config(1), &launcher).await;
-    let busy = tokio::spawn({
-        let pool = pool.clone();
-        async move { pool.call("work", json!(null)).await }
-    });
+    let busy = spawn_call(&pool, "work", json!(null));
     until("worker busy", || pool.stats().gauges.workers_busy == 1).await;
-    let queued = tokio::spawn({
-        let pool = pool.clone();
-        async move { pool.call("work", json!(null)).await }
-    });
+    let queued = spawn_call(&pool, "work", json!(null));
     until("queued", || pool.stats().gauges.waiters == 1).await;
     queued.abort();
     until("dequeued", || pool.stats().gauges.waiters == 0).await;
@@ -181,10 +166,7 @@ async fn a_caller_dropped_mid_call_cancels_and_frees_the_worker() {
         .on("work", |_| FakeReply::ok(json!(1)).after(10 * SEC))
         .build();
     let pool = start(config(1), &launcher).await;
-    let call = tokio::spawn({
-        let pool = pool.clone();
-        async move { pool.call("work", json!(null)).await }
-    });
+    let call = spawn_call(&pool, "work", json!(null));
     until("call running", || launcher.calls_seen() == 1).await;
     call.abort();
     until("slot free", || pool.stats().gauges.calls_in_flight == 0).await;

@@ -60,3 +60,13 @@ pub async fn after_time(what: &str, limit: Duration, mut cond: impl FnMut() -> b
     }
     panic!("did not happen within {limit:?} of virtual time: {what}");
 }
+
+/// Starts `pool.call(command, args)` on its own task.
+pub fn spawn_call(
+    pool: &Pool,
+    command: &'static str,
+    args: serde_json::Value,
+) -> tokio::task::JoinHandle<pool_core::Result<pool_core::Payload>> {
+    let pool = pool.clone();
+    tokio::spawn(async move { pool.call(command, args).await })
+}

@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pool_core::protocol::channel_from_io;
 use pool_core::{Channel, LaunchError, Launched, Launcher, WorkerSpec};
-use tokio::process::Command;
+use tokio::process::{ChildStdin, ChildStdout, Command};
 use tokio::sync::OnceCell;
 
 use crate::interpreter::{self, Interpreter};
@@ -139,6 +139,7 @@ impl StdioLauncher {
     fn command(
         &self,
         spec: &WorkerSpec,
+        options: &SpawnOptions,
         interpreter: &Interpreter,
         runtime_dir: Option<PathBuf>,
     ) -> Result<Command, LaunchError> {
@@ -149,7 +150,7 @@ impl StdioLauncher {
             .arg("--app")
             .arg(&spec.app)
             .arg("--transport")
-            .arg("stdio");
+            .arg(&options.transport);
         for var in THREAD_LIMIT_VARS {
             if !spec.env.contains_key(*var) && std::env::var_os(var).is_none() {
                 command.env(var, "1");
@@ -158,6 +159,8 @@ impl StdioLauncher {
         command.env("PYTHONUNBUFFERED", "1");
         command.envs(&spec.env);
         command.env("PYPOOL_WORKER_ID", &spec.worker_id);
+        // The transport's own variables win over the spec's.
+        command.envs(options.env.iter().map(|(key, value)| (key, value)));
         if let Some(dir) = runtime_dir {
             let existing: Option<OsString> = match spec.env.get("PYTHONPATH") {
                 Some(value) => Some(value.into()),
@@ -175,9 +178,16 @@ impl StdioLauncher {
         if let Some(cwd) = &spec.cwd {
             command.current_dir(cwd);
         }
+        let frames = || {
+            if options.frame_pipes {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            }
+        };
         command
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
+            .stdin(frames())
+            .stdout(frames())
             .stderr(Stdio::piped())
             // If nobody reaps the child through us (a runtime shut down mid-launch), tokio kills
             // it and reaps it in the background.
@@ -251,13 +261,41 @@ impl StdioLauncher {
         &self,
         spec: &WorkerSpec,
     ) -> Result<(Channel, StdioProcess), LaunchError> {
+        let worker = self
+            .spawn_worker(spec, &SpawnOptions::new("stdio").frame_pipes(true))
+            .await?;
+        let (Some(stdin), Some(stdout)) = (worker.stdin, worker.stdout) else {
+            // Cannot happen (both are piped); dropping the process kills the worker.
+            return Err(LaunchError::new(
+                "the worker's stdin/stdout pipes are missing",
+            ));
+        };
+        let channel = channel_from_io(stdout, stdin, spec.max_frame);
+        Ok((channel, worker.process))
+    }
+
+    /// Starts `python -m pypool_worker --app <app> --transport <options.transport>` for `spec`,
+    /// with everything this launcher does for its own workers: the resolved interpreter, the
+    /// embedded runtime when needed, thread limits, `PYPOOL_WORKER_ID`, its own process group, the
+    /// parent-death signal (Linux), stderr to `tracing` and a bounded tail, and a
+    /// [`StdioProcess`] that kills the group on drop and reaps the worker.
+    ///
+    /// This is the process half of the stdio transport, public so that other local transports
+    /// (`transport-ipc`) start their workers exactly the same way and only bring their own
+    /// channel. The variables in [`SpawnOptions::env`] are set last, over the spec's; they are
+    /// passed in the environment, never on the command line.
+    pub async fn spawn_worker(
+        &self,
+        spec: &WorkerSpec,
+        options: &SpawnOptions,
+    ) -> Result<SpawnedWorker, LaunchError> {
         let interpreter = self.interpreter(spec).await?;
         let runtime_dir = if interpreter.has_matching_runtime() {
             None
         } else {
             Some(self.runtime_dir().await?)
         };
-        let command = self.command(spec, &interpreter, runtime_dir)?;
+        let command = self.command(spec, options, &interpreter, runtime_dir)?;
         let mut child = spawner::spawn(command).await.map_err(|err| {
             LaunchError::new(format!(
                 "cannot start worker {} of pool {}: `{}`: {err}",
@@ -266,12 +304,8 @@ impl StdioLauncher {
                 interpreter.executable.display()
             ))
         })?;
-        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-            // Cannot happen (both are piped); the child is killed on drop.
-            return Err(LaunchError::new(
-                "the worker's stdin/stdout pipes are missing",
-            ));
-        };
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         let labels = Labels {
             pool: spec.pool.clone(),
@@ -290,9 +324,90 @@ impl StdioLauncher {
             worker_id = %spec.worker_id,
             pid = ?pool_core::ProcessHandle::pid(&process),
             python = %interpreter.executable.display(),
+            transport = %options.transport,
             "worker process started"
         );
-        let channel = channel_from_io(stdout, stdin, spec.max_frame);
-        Ok((channel, process))
+        Ok(SpawnedWorker {
+            process,
+            stdin,
+            stdout,
+        })
     }
+}
+
+/// How [`StdioLauncher::spawn_worker`] starts a worker: which transport the runtime speaks,
+/// extra environment for it, and whether its stdin/stdout carry frames.
+///
+/// `Debug` shows the names of the extra variables but not their values, since they may hold
+/// secrets.
+///
+/// # Example
+///
+/// ```
+/// use transport_stdio::SpawnOptions;
+///
+/// let options = SpawnOptions::new("ipc")
+///     .env("PYPOOL_IPC_PATH", "/run/user/1000/pypool/pool.sock")
+///     .env("PYPOOL_SECRET", "00ff");
+/// assert!(!format!("{options:?}").contains("00ff"));
+/// ```
+#[derive(Clone)]
+pub struct SpawnOptions {
+    transport: String,
+    env: Vec<(String, String)>,
+    frame_pipes: bool,
+}
+
+impl SpawnOptions {
+    /// Options for a worker started with `--transport <transport>`, no extra environment, and
+    /// stdin/stdout connected to `/dev/null` (see [`frame_pipes`](Self::frame_pipes)).
+    pub fn new(transport: impl Into<String>) -> Self {
+        SpawnOptions {
+            transport: transport.into(),
+            env: Vec::new(),
+            frame_pipes: false,
+        }
+    }
+
+    /// Sets an environment variable for the worker, over any value the spec or the pool's own
+    /// environment gives it.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Whether the worker's stdin and stdout are pipes returned in [`SpawnedWorker`] (the stdio
+    /// transport's frame channel) or `/dev/null` (transports with their own channel). Default:
+    /// `false`.
+    pub fn frame_pipes(mut self, frame_pipes: bool) -> Self {
+        self.frame_pipes = frame_pipes;
+        self
+    }
+
+    /// The `--transport` value the worker is started with.
+    pub fn transport(&self) -> &str {
+        &self.transport
+    }
+}
+
+impl std::fmt::Debug for SpawnOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.env.iter().map(|(key, _)| key.as_str()).collect();
+        f.debug_struct("SpawnOptions")
+            .field("transport", &self.transport)
+            .field("env", &names)
+            .field("frame_pipes", &self.frame_pipes)
+            .finish()
+    }
+}
+
+/// A worker process started by [`StdioLauncher::spawn_worker`].
+#[derive(Debug)]
+pub struct SpawnedWorker {
+    /// The process handle. Dropping it kills the worker's process group.
+    pub process: StdioProcess,
+    /// The worker's stdin, when [`SpawnOptions::frame_pipes`] was set.
+    pub stdin: Option<ChildStdin>,
+    /// The worker's stdout, when [`SpawnOptions::frame_pipes`] was set.
+    pub stdout: Option<ChildStdout>,
 }

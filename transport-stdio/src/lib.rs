@@ -24,6 +24,10 @@
 //!
 //! The launcher does not wait for the worker's HELLO: it returns as soon as the process runs.
 //!
+//! Other local transports reuse all of the above: [`StdioLauncher::spawn_worker`] starts a
+//! worker with another `--transport` and extra environment ([`SpawnOptions`]) and returns its
+//! [`StdioProcess`] (`transport-ipc` launches its workers this way).
+//!
 //! Unix only for process control; on other platforms only [`runtime`] is available.
 #![warn(missing_docs)]
 
@@ -40,7 +44,9 @@ mod spawner;
 #[cfg(unix)]
 pub use interpreter::Interpreter;
 #[cfg(unix)]
-pub use launcher::{StdioLauncher, DEFAULT_STDERR_DRAIN, THREAD_LIMIT_VARS};
+pub use launcher::{
+    SpawnOptions, SpawnedWorker, StdioLauncher, DEFAULT_STDERR_DRAIN, THREAD_LIMIT_VARS,
+};
 #[cfg(unix)]
 pub use process::StdioProcess;
 pub use runtime::{materialize_runtime, RUNTIME_VERSION};

@@ -1,0 +1,754 @@
+//! The pool's listening socket: where it lives, the accept loop, authentication of every
+//! connection, and pairing an authenticated connection with the launch that is waiting for it.
+//!
+//! Pairing is by process id. A launch registers the pid of the worker it started
+//! ([`Endpoint::expect`]) and waits; a connection's pid comes from the kernel (`SO_PEERCRED`), so
+//! a connection can only ever be handed to the launch of the process that made it. A worker may
+//! connect before its launch has learnt its pid (the spawn call has not returned yet), so while a
+//! spawn is in progress ([`Endpoint::spawning`]) a connection from an unknown pid waits for it
+//! instead of being turned away.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use interprocess::local_socket::tokio::prelude::*;
+use interprocess::local_socket::tokio::{Listener, Stream};
+use pool_core::protocol::auth::{self, Secret};
+use pool_core::Channel;
+use tokio::sync::{oneshot, watch, Notify};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::stream::SharedStream;
+
+/// The largest frame a connection may send before the pool knows it is one of its workers: an
+/// AUTH message is about a hundred bytes. Keeps a stranger from making the pool reserve a large
+/// buffer by announcing a large frame.
+pub(crate) const AUTH_MAX_FRAME: usize = 64 * 1024;
+
+/// How long the accept loop pauses after a failed accept (a full descriptor table, say), so that
+/// a persistent error does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// The outcome of a connection, as the waiting launch receives it.
+pub(crate) type Delivery = Result<Channel, String>;
+
+/// A bound listener with its accept loop, its secret and its pending launches.
+pub(crate) struct Endpoint {
+    shared: Arc<Shared>,
+    place: Place,
+    accept_task: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// What the accept loop and the connection tasks share with the launches.
+struct Shared {
+    secret: Secret,
+    auth_timeout: Duration,
+    /// Where we listen, for log messages.
+    label: String,
+    pairing: Mutex<Pairing>,
+    /// Signalled whenever a spawn finishes (so waiting connections look again).
+    spawned: Notify,
+    stop: CancellationToken,
+    /// The connection tasks, so that shutting down can wait for them.
+    connections: TaskTracker,
+    /// How many connections wait in [`Shared::claim`] for a spawn to finish (for tests).
+    parked: watch::Sender<usize>,
+}
+
+#[derive(Default)]
+struct Pairing {
+    /// Spawns in progress: their pids are not known yet.
+    spawning: usize,
+    /// Launched workers waiting for their connection, by pid.
+    waiting: HashMap<u32, Waiting>,
+    /// Set once the endpoint is closed: nothing is registered any more.
+    closed: bool,
+}
+
+struct Waiting {
+    max_frame: usize,
+    /// A connection from this pid has been accepted and is being authenticated.
+    connected: bool,
+    tx: Option<oneshot::Sender<Delivery>>,
+}
+
+/// Where the socket lives on this platform.
+struct Place {
+    /// The value workers get in `PYPOOL_IPC_PATH`: the socket's path (Unix) or the pipe's name
+    /// (Windows).
+    address: PathBuf,
+    /// The private directory that holds the socket (Unix), removed with it.
+    dir: Option<PathBuf>,
+}
+
+/// Settings for [`Endpoint::bind`].
+pub(crate) struct BindOptions<'a> {
+    pub(crate) socket_dir: Option<&'a Path>,
+    pub(crate) auth_timeout: Duration,
+}
+
+impl Endpoint {
+    /// Binds a fresh listener with a fresh secret and starts its accept loop on the current tokio
+    /// runtime.
+    pub(crate) fn bind(options: &BindOptions<'_>) -> io::Result<Arc<Endpoint>> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            io::Error::other("the ipc launcher must be used from within a tokio runtime")
+        })?;
+        let (listener, place) = platform::listen(options.socket_dir)?;
+        let shared = Arc::new(Shared {
+            secret: Secret::generate(),
+            auth_timeout: options.auth_timeout,
+            label: place.address.display().to_string(),
+            pairing: Mutex::new(Pairing::default()),
+            spawned: Notify::new(),
+            stop: CancellationToken::new(),
+            connections: TaskTracker::new(),
+            parked: watch::channel(0).0,
+        });
+        let accept_task = runtime.spawn(accept_loop(listener, Arc::clone(&shared)));
+        tracing::debug!(target: "pypool::ipc", socket = %shared.label, "listening");
+        Ok(Arc::new(Endpoint {
+            shared,
+            place,
+            accept_task: Mutex::new(Some(accept_task)),
+        }))
+    }
+
+    /// The value of `PYPOOL_IPC_PATH` for workers.
+    pub(crate) fn address(&self) -> &Path {
+        &self.place.address
+    }
+
+    /// The hex secret for `PYPOOL_SECRET`.
+    pub(crate) fn secret_hex(&self) -> String {
+        self.shared.secret.to_hex()
+    }
+
+    /// Whether the endpoint still accepts connections (not closed, accept loop alive; the loop
+    /// dies with the runtime it was started on).
+    pub(crate) fn is_usable(&self) -> bool {
+        if self.shared.stop.is_cancelled() {
+            return false;
+        }
+        match &*lock(&self.accept_task) {
+            Some(task) => !task.is_finished(),
+            None => false,
+        }
+    }
+
+    /// Marks a spawn as in progress until the guard is dropped. Register the new pid with
+    /// [`expect`](Self::expect) before dropping the guard.
+    pub(crate) fn spawning(self: &Arc<Self>) -> SpawnGuard {
+        lock(&self.shared.pairing).spawning += 1;
+        SpawnGuard {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Registers a launched worker's pid; the returned handle receives its connection.
+    pub(crate) fn expect(self: &Arc<Self>, pid: u32, max_frame: usize) -> Expected {
+        let (tx, rx) = oneshot::channel();
+        let mut pairing = lock(&self.shared.pairing);
+        if !pairing.closed {
+            pairing.waiting.insert(
+                pid,
+                Waiting {
+                    max_frame,
+                    connected: false,
+                    tx: Some(tx),
+                },
+            );
+        }
+        // When closed, `tx` is dropped here and the launch sees the endpoint gone at once.
+        drop(pairing);
+        Expected {
+            shared: Arc::clone(&self.shared),
+            pid,
+            rx,
+        }
+    }
+
+    /// Stops accepting, fails every waiting launch, and removes the socket and its directory.
+    /// Synchronous and idempotent (called from `Drop`).
+    pub(crate) fn close(&self) {
+        self.shared.stop.cancel();
+        if let Some(task) = &*lock(&self.accept_task) {
+            task.abort();
+        }
+        let waiting = {
+            let mut pairing = lock(&self.shared.pairing);
+            pairing.closed = true;
+            std::mem::take(&mut pairing.waiting)
+        };
+        // Dropping the senders tells every waiting launch that the endpoint is gone.
+        drop(waiting);
+        platform::remove(&self.place);
+    }
+
+    /// [`close`](Self::close), then waits until the accept loop and every connection task have
+    /// ended, so that the listening socket and every unpaired connection are closed when this
+    /// returns.
+    pub(crate) async fn shut_down(&self) {
+        self.close();
+        let task = lock(&self.accept_task).take();
+        if let Some(task) = task {
+            // Cancelled or aborted: either way it has ended once this returns.
+            let _ = task.await;
+        }
+        // The accept loop has ended, so no connection task can be added any more.
+        self.shared.connections.close();
+        self.shared.connections.wait().await;
+        tracing::debug!(target: "pypool::ipc", socket = %self.shared.label, "closed");
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// See [`Endpoint::spawning`].
+pub(crate) struct SpawnGuard {
+    shared: Arc<Shared>,
+}
+
+impl Drop for SpawnGuard {
+    fn drop(&mut self) {
+        let mut pairing = lock(&self.shared.pairing);
+        pairing.spawning = pairing.spawning.saturating_sub(1);
+        drop(pairing);
+        self.shared.spawned.notify_waiters();
+    }
+}
+
+/// A launch's claim on the connection from its worker's pid; unregisters on drop.
+pub(crate) struct Expected {
+    shared: Arc<Shared>,
+    pid: u32,
+    rx: oneshot::Receiver<Delivery>,
+}
+
+impl Expected {
+    /// The connection, or why there is none. `Err` with `None` when the endpoint was closed.
+    pub(crate) async fn connection(&mut self) -> Result<Channel, Option<String>> {
+        match (&mut self.rx).await {
+            Ok(Ok(channel)) => Ok(channel),
+            Ok(Err(reason)) => Err(Some(reason)),
+            Err(_) => Err(None),
+        }
+    }
+
+    /// Whether a connection from the worker has been accepted and is being authenticated.
+    pub(crate) fn connected(&self) -> bool {
+        lock(&self.shared.pairing)
+            .waiting
+            .get(&self.pid)
+            .is_some_and(|waiting| waiting.connected)
+    }
+}
+
+impl Drop for Expected {
+    fn drop(&mut self) {
+        lock(&self.shared.pairing).waiting.remove(&self.pid);
+    }
+}
+
+impl Shared {
+    /// The frame limit for a connection from `pid`: its launch's when `pid` is a worker being
+    /// launched (marking it connected), `None` for a stranger. Waits while spawns are in
+    /// progress, since `pid` may be one of them.
+    async fn claim(&self, pid: Option<u32>) -> Option<usize> {
+        let pid = pid?;
+        loop {
+            let notified = self.spawned.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut pairing = lock(&self.pairing);
+                if let Some(waiting) = pairing.waiting.get_mut(&pid) {
+                    waiting.connected = true;
+                    return Some(waiting.max_frame);
+                }
+                if pairing.spawning == 0 || pairing.closed {
+                    return None;
+                }
+            }
+            let _parked = Parked::new(&self.parked);
+            notified.await;
+        }
+    }
+
+    /// Hands an outcome to the launch waiting for `pid`. Returns the delivery back when no
+    /// launch takes it.
+    fn deliver(&self, pid: Option<u32>, delivery: Delivery) -> Result<(), Delivery> {
+        let Some(pid) = pid else {
+            return Err(delivery);
+        };
+        let tx = lock(&self.pairing)
+            .waiting
+            .get_mut(&pid)
+            .and_then(|waiting| waiting.tx.take());
+        match tx {
+            Some(tx) => tx.send(delivery),
+            None => Err(delivery),
+        }
+    }
+}
+
+/// Counts a connection waiting in [`Shared::claim`] while it lives.
+struct Parked<'a>(&'a watch::Sender<usize>);
+
+impl<'a> Parked<'a> {
+    fn new(parked: &'a watch::Sender<usize>) -> Self {
+        parked.send_modify(|n| *n += 1);
+        Parked(parked)
+    }
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok(stream) => {
+                // Each connection is authenticated in its own task: a slow or silent peer holds
+                // up nobody else.
+                let task_shared = Arc::clone(&shared);
+                shared.connections.spawn(async move {
+                    let shared = task_shared;
+                    tokio::select! {
+                        _ = shared.stop.cancelled() => {}
+                        _ = serve_connection(stream, &shared) => {}
+                    }
+                });
+            }
+            Err(err) => {
+                tracing::warn!(
+                    target: "pypool::ipc",
+                    socket = %shared.label,
+                    error = %err,
+                    "accepting a connection failed"
+                );
+                tokio::select! {
+                    _ = shared.stop.cancelled() => return,
+                    _ = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Checks the peer, authenticates it and hands it to its launch; anything else closes it.
+async fn serve_connection(stream: Stream, shared: &Shared) {
+    let pid = match peer_pid(&stream) {
+        Ok(pid) => pid,
+        Err(reason) => {
+            reject(shared, None, &reason);
+            return;
+        }
+    };
+    let deadline = Instant::now() + shared.auth_timeout;
+    let Ok(max_frame) = tokio::time::timeout_at(deadline, shared.claim(pid)).await else {
+        reject(
+            shared,
+            pid,
+            &format!("no AUTH answer within {:?}", shared.auth_timeout),
+        );
+        return;
+    };
+    let mut channel = SharedStream::new(stream).into_channel(max_frame.unwrap_or(AUTH_MAX_FRAME));
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    if let Err(err) = auth::challenge(&mut channel, &shared.secret, remaining).await {
+        let reason = format!("authentication failed: {err}");
+        reject(shared, pid, &reason);
+        // A worker we launched that cannot authenticate will not do better later: fail its
+        // launch now rather than at its connect timeout.
+        let _ = shared.deliver(pid, Err(reason));
+        return;
+    }
+    if shared.deliver(pid, Ok(channel)).is_err() {
+        reject(
+            shared,
+            pid,
+            "authenticated, but its process is not a worker this pool is launching",
+        );
+    }
+}
+
+fn reject(shared: &Shared, pid: Option<u32>, reason: &str) {
+    tracing::warn!(
+        target: "pypool::ipc",
+        socket = %shared.label,
+        peer_pid = ?pid,
+        "rejected a connection: {reason}"
+    );
+}
+
+/// The peer's pid from the kernel, after checking that it runs as our user (Unix).
+fn peer_pid(stream: &Stream) -> Result<Option<u32>, String> {
+    let creds = stream
+        .peer_creds()
+        .map_err(|err| format!("cannot read the peer's credentials: {err}"))?;
+    #[cfg(unix)]
+    {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let ours = unsafe { libc::geteuid() };
+        match creds.euid() {
+            Some(uid) if uid == ours => {}
+            Some(uid) => return Err(format!("the peer runs as uid {uid}, not as us ({ours})")),
+            None => return Err("the peer's uid is unknown".to_owned()),
+        }
+    }
+    Ok(creds.pid().and_then(|pid| u32::try_from(pid).ok()))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(unix)]
+mod platform {
+    //! A Unix domain socket `pool.sock`, mode 0600, in a fresh private directory (mode 0700)
+    //! named after our pid and 64 random bits.
+
+    use std::fs;
+    use std::io;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::path::{Path, PathBuf};
+
+    use interprocess::local_socket::tokio::Listener;
+    use interprocess::local_socket::{GenericFilePath, ListenerOptions, ToFsName};
+    use interprocess::os::unix::local_socket::ListenerOptionsExt;
+
+    use super::Place;
+
+    /// The socket's file name inside its private directory.
+    const SOCKET_NAME: &str = "pool.sock";
+
+    /// The longest path a Unix socket address holds (`sun_path` is 108 bytes on Linux, 104 on
+    /// the BSDs and macOS, including the terminating NUL).
+    const MAX_SOCKET_PATH: usize = 103;
+
+    /// Where the private directory may go, best first: `$XDG_RUNTIME_DIR` (per-user, never
+    /// shared), the temporary directory, and `/tmp` for a `$TMPDIR` too long for a socket path.
+    fn bases(configured: Option<&Path>) -> Vec<PathBuf> {
+        if let Some(dir) = configured {
+            // Workers may run in another working directory: give them an absolute path.
+            return vec![std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf())];
+        }
+        let mut bases = Vec::new();
+        if let Some(runtime) = std::env::var_os("XDG_RUNTIME_DIR") {
+            let runtime = PathBuf::from(runtime);
+            if runtime.is_absolute() && runtime.is_dir() {
+                bases.push(runtime);
+            }
+        }
+        for dir in [std::env::temp_dir(), PathBuf::from("/tmp")] {
+            if !bases.contains(&dir) {
+                bases.push(dir);
+            }
+        }
+        bases
+    }
+
+    pub(super) fn listen(configured: Option<&Path>) -> io::Result<(Listener, Place)> {
+        let mut last_err = None;
+        for base in bases(configured) {
+            match listen_in(&base) {
+                Ok(bound) => return Ok(bound),
+                Err(err) => {
+                    tracing::debug!(
+                        target: "pypool::ipc",
+                        base = %base.display(),
+                        error = %err,
+                        "cannot listen here"
+                    );
+                    last_err = Some(io::Error::new(
+                        err.kind(),
+                        format!("cannot create a socket in {}: {err}", base.display()),
+                    ));
+                }
+            }
+        }
+        Err(last_err.unwrap_or_else(|| io::Error::other("no directory for the ipc socket")))
+    }
+
+    fn listen_in(base: &Path) -> io::Result<(Listener, Place)> {
+        let dir = base.join(format!(
+            "pypool-ipc-{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        let socket = dir.join(SOCKET_NAME);
+        if socket.as_os_str().as_bytes().len() > MAX_SOCKET_PATH {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "the socket path {} is longer than a socket address allows",
+                    socket.display()
+                ),
+            ));
+        }
+        // `create`, not `create_all`: the name is fresh, and an existing directory of that name
+        // is not ours to use.
+        fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        let place = Place {
+            address: socket,
+            dir: Some(dir),
+        };
+        // Past this point `place` is removed again on every error.
+        match bind(&place) {
+            Ok(listener) => Ok((listener, place)),
+            Err(err) => {
+                remove(&place);
+                Err(err)
+            }
+        }
+    }
+
+    fn bind(place: &Place) -> io::Result<Listener> {
+        let (Some(dir), socket) = (&place.dir, &place.address) else {
+            return Err(io::Error::other("no socket directory"));
+        };
+        // The umask may have narrowed the mode; it cannot have widened it. Make it exact.
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+        // A stale socket file (a crashed run that reused this name) would make bind fail.
+        match fs::remove_file(socket) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => return Err(err),
+        }
+        let name = socket.as_path().to_fs_name::<GenericFilePath>()?;
+        ListenerOptions::new()
+            .name(name)
+            // Set on the socket before bind, so the file never exists with wider permissions.
+            .mode(0o600)
+            // We remove the file ourselves, synchronously, in `remove`.
+            .reclaim_name(false)
+            .create_tokio()
+    }
+
+    /// Removes the socket file and its directory. Errors other than "already gone" are logged.
+    pub(super) fn remove(place: &Place) {
+        let mut removals = vec![(&place.address, fs::remove_file(&place.address))];
+        if let Some(dir) = &place.dir {
+            removals.push((dir, fs::remove_dir(dir)));
+        }
+        for (path, result) in removals {
+            if let Err(err) = result {
+                if err.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(
+                        target: "pypool::ipc",
+                        path = %path.display(),
+                        error = %err,
+                        "cannot remove the ipc socket"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(windows)]
+mod platform {
+    //! A named pipe `\\.\pipe\pypool-<pid>-<random>`. Untested: the launcher cannot start
+    //! workers on Windows yet (see the crate documentation).
+
+    use std::io;
+    use std::path::{Path, PathBuf};
+
+    use interprocess::local_socket::tokio::Listener;
+    use interprocess::local_socket::{GenericNamespaced, ListenerOptions, ToNsName};
+
+    use super::Place;
+
+    pub(super) fn listen(_configured: Option<&Path>) -> io::Result<(Listener, Place)> {
+        let name = format!(
+            "pypool-{}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        );
+        let listener = ListenerOptions::new()
+            .name(name.as_str().to_ns_name::<GenericNamespaced>()?)
+            .create_tokio()?;
+        let place = Place {
+            address: PathBuf::from(format!(r"\\.\pipe\{name}")),
+            dir: None,
+        };
+        Ok((listener, place))
+    }
+
+    /// A named pipe disappears when its last handle closes: nothing to remove.
+    pub(super) fn remove(_place: &Place) {}
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use pool_core::protocol::{channel_from_io, decode, encode, Codec, Message};
+    use tokio::net::UnixStream;
+
+    use super::*;
+
+    /// Bound for every step, so that a bug fails the test instead of hanging it.
+    const STEP: Duration = Duration::from_secs(30);
+
+    fn bind(dir: &Path, auth_timeout: Duration) -> Arc<Endpoint> {
+        Endpoint::bind(&BindOptions {
+            socket_dir: Some(dir),
+            auth_timeout,
+        })
+        .expect("bind")
+    }
+
+    /// A client in this process: connects, reads the CHALLENGE and answers it with the HMAC
+    /// under `key`. Returns the channel for more frames.
+    async fn answer_challenge(address: &Path, key: &[u8]) -> Channel {
+        let stream = UnixStream::connect(address).await.expect("connect");
+        let (read, write) = stream.into_split();
+        let mut channel = channel_from_io(read, write, 1 << 20);
+        let frame = tokio::time::timeout(STEP, channel.receiver.recv())
+            .await
+            .expect("no challenge in time")
+            .expect("read")
+            .expect("a challenge, not end of stream");
+        let Ok((Message::Challenge { nonce }, _)) = decode(frame) else {
+            panic!("expected CHALLENGE");
+        };
+        let answer = Message::Auth {
+            mac: auth::mac(key, &nonce),
+        };
+        let body = encode(&answer, Codec::Json, &[]).expect("encode");
+        channel.sender.send(body).await.expect("send AUTH");
+        channel
+    }
+
+    async fn assert_closed(channel: &mut Channel) {
+        let next = tokio::time::timeout(STEP, channel.receiver.recv())
+            .await
+            .expect("the pool did not close the connection");
+        assert!(
+            matches!(next, Ok(None)),
+            "expected end of stream, got {next:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_launched_pid_is_paired_after_auth() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let endpoint = bind(dir.path(), STEP);
+        // This test process stands in for the launched worker.
+        let mut expected = endpoint.expect(std::process::id(), 1 << 20);
+        let key = endpoint.shared.secret.as_bytes().to_vec();
+        let address = endpoint.address().to_path_buf();
+        let client = tokio::spawn(async move {
+            let mut channel = answer_challenge(&address, &key).await;
+            channel
+                .sender
+                .send(Bytes::from_static(b"after auth"))
+                .await
+                .expect("send");
+            channel
+        });
+        let mut channel = tokio::time::timeout(STEP, expected.connection())
+            .await
+            .expect("no connection in time")
+            .expect("the connection is paired");
+        let frame = channel.receiver.recv().await.expect("read");
+        assert_eq!(frame, Some(Bytes::from_static(b"after auth")));
+        drop(client.await.expect("client"));
+        endpoint.shut_down().await;
+    }
+
+    #[tokio::test]
+    async fn a_connection_waits_for_a_spawn_in_progress() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let endpoint = bind(dir.path(), STEP);
+        let mut parked = endpoint.shared.parked.subscribe();
+        let spawning = endpoint.spawning();
+        let key = endpoint.shared.secret.as_bytes().to_vec();
+        let address = endpoint.address().to_path_buf();
+        // The "worker" connects before its launch knows its pid.
+        let client = tokio::spawn(async move { answer_challenge(&address, &key).await });
+        tokio::time::timeout(STEP, parked.wait_for(|n| *n == 1))
+            .await
+            .expect("the connection did not wait for the spawn")
+            .expect("watch");
+        let mut expected = endpoint.expect(std::process::id(), 1 << 20);
+        drop(spawning);
+        tokio::time::timeout(STEP, expected.connection())
+            .await
+            .expect("no connection in time")
+            .expect("the connection is paired once the spawn registered its pid");
+        drop(client.await.expect("client"));
+        assert_eq!(*parked.borrow(), 0);
+        endpoint.shut_down().await;
+    }
+
+    #[tokio::test]
+    async fn a_stranger_with_the_secret_is_still_rejected() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let endpoint = bind(dir.path(), STEP);
+        let key = endpoint.shared.secret.as_bytes().to_vec();
+        // Nobody is launching this process: knowing the secret is not enough.
+        let mut channel = answer_challenge(endpoint.address(), &key).await;
+        assert_closed(&mut channel).await;
+        endpoint.shut_down().await;
+    }
+
+    #[tokio::test]
+    async fn a_launched_pid_with_a_wrong_mac_fails_its_launch_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let endpoint = bind(dir.path(), STEP);
+        let mut expected = endpoint.expect(std::process::id(), 1 << 20);
+        let mut channel = answer_challenge(endpoint.address(), b"not the secret").await;
+        let outcome = tokio::time::timeout(STEP, expected.connection())
+            .await
+            .expect("no outcome in time");
+        match outcome {
+            Err(Some(reason)) => assert!(reason.contains("wrong HMAC"), "{reason}"),
+            Err(None) => panic!("expected an authentication failure, got a closed endpoint"),
+            Ok(_) => panic!("a wrong MAC was accepted"),
+        }
+        assert_closed(&mut channel).await;
+        endpoint.shut_down().await;
+    }
+
+    #[tokio::test]
+    async fn closing_fails_waiting_launches_and_removes_the_socket() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let endpoint = bind(dir.path(), STEP);
+        let address = endpoint.address().to_path_buf();
+        let socket_dir = address.parent().expect("a directory").to_path_buf();
+        assert!(address.exists());
+        let mut expected = endpoint.expect(std::process::id(), 1 << 20);
+        endpoint.shut_down().await;
+        assert!(matches!(expected.connection().await, Err(None)));
+        assert!(!address.exists());
+        assert!(!socket_dir.exists());
+        assert!(!endpoint.is_usable());
+        // Registering after the close fails at once too.
+        let mut late = endpoint.expect(1, 1 << 20);
+        assert!(matches!(late.connection().await, Err(None)));
+    }
+}

@@ -1,0 +1,302 @@
+//! `pypool`: try, measure and check pools of Python workers from the command line.
+//!
+//! `pypool demo` shows a pool at work, `pypool bench` measures it (against baselines with
+//! `--baseline`), `pypool call` runs one handler of your own module, and `pypool doctor` checks
+//! the machine. Run `pypool --help` and `pypool <command> --help` for the details.
+
+#[cfg(unix)]
+mod assets;
+#[cfg(unix)]
+mod baseline;
+#[cfg(unix)]
+mod bench;
+#[cfg(unix)]
+mod call;
+#[cfg(unix)]
+mod demo;
+#[cfg(unix)]
+mod doctor;
+#[cfg(unix)]
+mod measure;
+#[cfg(unix)]
+mod ui;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  the command ran but failed (a call raised, timed out or crashed; a check failed)
+  2  usage error (bad option, unknown transport, invalid JSON arguments)
+  3  the workers could not start (interpreter missing, app module or file not importable)
+
+Environment: RUST_LOG overrides the log filter of -v (e.g. RUST_LOG=pypool::worker=info shows
+what workers write to stderr).";
+
+const BENCH_AFTER_HELP: &str = "\
+With --json, one object on stdout:
+  {\"transport\", \"workers\", \"concurrency\", \"calls\", \"payload_bytes\", \"errors\",
+   \"startup_ms\", \"duration_ms\", \"throughput_per_s\",
+   \"latency_us\": {\"mean\", \"p50\", \"p99\", \"p999\", \"max\"}, \"python\",
+   \"baselines\" (with --baseline): {\"raw_pipes\", \"multiprocessing_pool\", \"process_pool_executor\"},
+     each {\"description\", \"startup_ms\", \"duration_ms\", \"calls\", \"errors\", \"throughput_per_s\",
+           \"latency_us\", \"pypool_ratio\": {\"throughput\", \"p50\", \"p99\"}}}
+  pypool_ratio = pypool's figure / the baseline's: above 1 for throughput, below 1 for latency
+  means pypool is faster.
+
+Examples:
+  pypool bench
+  pypool bench --workers 2 --concurrency 8 --calls 20000 --payload 4096
+  pypool bench --baseline --json";
+
+/// Pools of long-lived Python worker processes for Rust services.
+///
+/// A Rust program keeps a pool of Python processes and calls plain Python functions in them.
+/// This tool shows a pool at work (`demo`), measures it against the alternatives (`bench`), runs
+/// one function of your own module (`call`) and checks this machine (`doctor`). Everything works
+/// with a bare `python3`: the worker runtime is embedded in this binary.
+#[derive(Debug, Parser)]
+#[command(name = "pypool", version, after_help = EXIT_CODES, propagate_version = true)]
+pub struct Cli {
+    /// Options every command accepts.
+    #[command(flatten)]
+    pub global: Global,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command accepts.
+#[derive(Debug, Clone, Args)]
+pub struct Global {
+    /// The Python interpreter for the workers: a name looked up in PATH or a path (shims such
+    /// as pyenv's are resolved once, through `sys.executable`).
+    #[arg(long, global = true, value_name = "PATH", default_value = "python3")]
+    pub python: PathBuf,
+
+    /// Log what the pool does to stderr: -v for info (including what workers write to their
+    /// stderr), -vv for debug, -vvv for everything.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Print one JSON object on stdout instead of tables (and no progress bars).
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a pool on a bundled demo module, run a mixed workload, and show what happened.
+    ///
+    /// The workload has the shape that broke the pool this project replaces: 12 concurrent
+    /// callers on a few workers, four sessions that keep state in their worker (strict
+    /// affinity), a slow call that occupies a worker for a second, and a call whose handler
+    /// raises. The report shows the start-up time (all workers start concurrently), every
+    /// worker and session from `pool.status()`, latency percentiles from `pool.stats()`, the
+    /// structured error of the failing call (type, message, Python traceback), and the
+    /// shutdown, after which no worker process is left.
+    ///
+    /// Needs nothing but a Python 3 interpreter.
+    #[command(after_help = "Examples:\n  pypool demo\n  pypool demo --workers 8 --json")]
+    Demo(DemoArgs),
+
+    /// Measure start-up, throughput and latency; with --baseline, against the alternatives.
+    ///
+    /// Starts a pool (start-up = until every worker has finished its handshake), then
+    /// CONCURRENCY callers share CALLS calls of a no-op handler that echoes a PAYLOAD-byte
+    /// binary attachment. Latency is measured per call by the caller (queueing included) in an
+    /// HDR histogram.
+    ///
+    /// With --baseline the same workload also runs, one after the other, on:
+    ///   - raw pipes: WORKERS Python processes echoing length-prefixed frames over stdin/stdout,
+    ///     driven directly from Rust: no protocol, no pool (the physical floor of stdio);
+    ///   - Python's multiprocessing.Pool and concurrent.futures.ProcessPoolExecutor with WORKERS
+    ///     processes and CONCURRENCY caller threads.
+    ///
+    /// Each is shown with pypool's throughput and latency as a ratio of its own (--baseline
+    /// needs the stdio transport). The runs share one machine, so compare ratios, not absolute
+    /// numbers, and prefer a release build (`cargo run --release -p pypool -- bench`).
+    #[command(after_help = BENCH_AFTER_HELP)]
+    Bench(BenchArgs),
+
+    /// Start one worker for your module, call one handler, print the result.
+    ///
+    /// APP is a path to a .py file or a dotted module name importable from the current
+    /// directory (or PYTHONPATH). Handlers are functions decorated with
+    /// `@pypool_worker.handler`. ARGS is JSON: an object is passed as keyword arguments, an
+    /// array as positional arguments, null (the default) as no arguments, anything else as the
+    /// single argument; `-` reads it from stdin.
+    ///
+    /// Prints the result as JSON. If the handler raises, prints the exception's type, message
+    /// and traceback and exits with 1; if the worker cannot start (for instance the module does
+    /// not import), prints the import error and exits with 3.
+    #[command(
+        after_help = "Examples:\n  pypool call --app examples/text_stats.py word_count '{\"text\": \"Hello there. Bye.\"}'\n  pypool call --app mypackage.handlers predict '[[1.0, 2.0]]'\n  echo '{\"a\": 1, \"b\": 2}' | pypool call --app handlers.py add -"
+    )]
+    Call(CallArgs),
+
+    /// Check this machine: interpreter, runtime, optional Python modules, transports, platform.
+    ///
+    /// Resolves the interpreter the workers would run (following shims), shows its version and
+    /// whether it can import msgpack (the faster codec) and zmq (for the zmq transport), lists
+    /// the transports compiled into this binary and the platform's process controls, starts one
+    /// real worker and calls it, and says what to do about anything missing. Exits with 1 if
+    /// workers cannot run here.
+    Doctor,
+}
+
+/// `pypool demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// The transport to the workers (see `pypool doctor` for those compiled in).
+    #[arg(long, short, value_name = "T", default_value = "stdio", value_parser = parse_transport)]
+    pub transport: String,
+
+    /// Permanent workers in the pool.
+    #[arg(long, short, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=512))]
+    pub workers: u16,
+
+    /// Serve the pool's metrics in the Prometheus text format at http://ADDR/metrics while the
+    /// demo runs (port 0 picks a free port; the address is printed on stderr).
+    #[cfg(feature = "metrics")]
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// After the workload, keep the pool and the metrics endpoint up until standard input
+    /// closes (or Ctrl-C), so the metrics can be scraped; prints a line on stderr when ready.
+    #[cfg(feature = "metrics")]
+    #[arg(long, requires = "metrics_addr")]
+    pub hold: bool,
+}
+
+/// `pypool bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The transport to the workers (see `pypool doctor` for those compiled in).
+    #[arg(long, short, value_name = "T", default_value = "stdio", value_parser = parse_transport)]
+    pub transport: String,
+
+    /// Workers in the pool (and processes in each baseline).
+    #[arg(long, short, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=512))]
+    pub workers: u16,
+
+    /// Callers making calls at the same time.
+    #[arg(long, short, value_name = "C", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub concurrency: u32,
+
+    /// Calls to make in total (timed; start-up is measured separately).
+    #[arg(long, short = 'n', value_name = "M", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub calls: u64,
+
+    /// Size of the binary attachment each call sends and gets back.
+    #[arg(long, short, value_name = "BYTES", default_value_t = 64, value_parser = clap::value_parser!(u32).range(0..=64 * 1024 * 1024))]
+    pub payload: u32,
+
+    /// Also run the same workload on raw pipes (the floor), multiprocessing.Pool and
+    /// ProcessPoolExecutor, and show pypool as a ratio of each.
+    #[arg(long)]
+    pub baseline: bool,
+}
+
+/// `pypool call`.
+#[derive(Debug, Args)]
+pub struct CallArgs {
+    /// The Python module with the handlers: a path to a .py file or a dotted module name.
+    #[arg(long, value_name = "PATH_OR_MODULE")]
+    pub app: String,
+
+    /// The handler to call (its name as registered with @handler).
+    #[arg(value_name = "COMMAND")]
+    pub command: String,
+
+    /// The arguments as JSON (`-` reads them from stdin). Default: null, no arguments.
+    #[arg(value_name = "JSON_ARGS")]
+    pub args: Option<String>,
+
+    /// Make the call within this session (its state lives in the worker until the end).
+    #[arg(long, value_name = "ID")]
+    pub session: Option<String>,
+
+    /// Give up on the call after this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0, value_parser = parse_seconds)]
+    pub timeout: f64,
+}
+
+fn parse_transport(name: &str) -> Result<String, pypool::UnknownTransport> {
+    if pypool::transports().contains(&name) {
+        Ok(name.to_owned())
+    } else {
+        Err(pypool::UnknownTransport {
+            name: name.to_owned(),
+        })
+    }
+}
+
+fn parse_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if seconds > 0.0 && seconds <= 86_400.0 * 365.0 => Ok(seconds),
+        Ok(_) => Err("must be more than 0 and at most a year".to_owned()),
+        Err(err) => Err(err.to_string()),
+    }
+}
+
+fn init_tracing(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.is_empty() => EnvFilter::new(spec),
+        _ => EnvFilter::new(match verbose {
+            0 => "off",
+            1 => "info",
+            2 => "debug",
+            _ => "trace",
+        }),
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+#[cfg(unix)]
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.global.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    let global = cli.global.clone();
+    let json = global.json;
+    let outcome = runtime.block_on(async move {
+        match cli.command {
+            Command::Demo(args) => demo::run(&global, args).await,
+            Command::Bench(args) => bench::run(&global, args).await,
+            Command::Call(args) => call::run(&global, args).await,
+            Command::Doctor => doctor::run(&global).await,
+        }
+    });
+    // A reader still blocked on stdin (after Ctrl-C in `demo --hold`) must not keep us here.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match outcome {
+        Ok(code) => code,
+        Err(failure) => failure.report(json),
+    }
+}
+
+#[cfg(not(unix))]
+fn main() -> ExitCode {
+    let _ = Cli::parse();
+    eprintln!("error: the pypool command-line tool needs a Unix system (the stdio transport's process control is Unix-only for now)");
+    ExitCode::from(1)
+}

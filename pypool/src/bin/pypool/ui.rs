@@ -1,0 +1,349 @@
+//! Output: failures and exit codes, progress bars, tables and number formatting.
+
+use std::borrow::Cow;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+
+use crate::Global;
+
+/// Exit code: the command ran but failed.
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code: bad usage (clap uses 2 as well).
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code: workers could not start.
+pub const EXIT_START: u8 = 3;
+
+/// Why a command ends with a non-zero exit code, and what to tell the user.
+#[derive(Debug)]
+pub struct Failure {
+    /// The exit code.
+    pub code: u8,
+    /// Printed on stderr as `error: ...` (nothing if empty: already printed).
+    pub message: String,
+    /// Printed on stdout with --json instead of the default `{"ok": false, "error": ...}`.
+    pub json: Option<Value>,
+    /// The command already printed its JSON object: print no other.
+    pub json_printed: bool,
+}
+
+impl Failure {
+    /// A failure with exit code 1.
+    pub fn failed(message: impl Into<String>) -> Self {
+        Failure {
+            code: EXIT_FAILED,
+            message: message.into(),
+            json: None,
+            json_printed: false,
+        }
+    }
+
+    /// A usage error (exit code 2).
+    pub fn usage(message: impl Into<String>) -> Self {
+        Failure {
+            code: EXIT_USAGE,
+            message: message.into(),
+            json: None,
+            json_printed: false,
+        }
+    }
+
+    /// Workers could not start (exit code 3).
+    pub fn start(message: impl Into<String>) -> Self {
+        Failure {
+            code: EXIT_START,
+            message: message.into(),
+            json: None,
+            json_printed: false,
+        }
+    }
+
+    /// Replaces the JSON printed with --json.
+    pub fn with_json(mut self, value: Value) -> Self {
+        self.json = Some(value);
+        self
+    }
+
+    /// Marks the JSON output as already printed.
+    pub fn json_printed(mut self) -> Self {
+        self.json_printed = true;
+        self
+    }
+
+    /// Prints the failure and returns its exit code.
+    pub fn report(self, json: bool) -> ExitCode {
+        if !self.message.is_empty() {
+            eprintln!("error: {}", self.message);
+        }
+        if json && !self.json_printed {
+            let value = self.json.unwrap_or_else(
+                || json!({"ok": false, "error": {"message": self.message, "exit_code": self.code}}),
+            );
+            println!("{value}");
+        }
+        ExitCode::from(self.code)
+    }
+}
+
+impl From<pypool::Error> for Failure {
+    fn from(err: pypool::Error) -> Self {
+        match err {
+            pypool::Error::StartFailed { .. } => Failure::start(err.to_string()),
+            other => Failure::failed(other.to_string()),
+        }
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(err: std::io::Error) -> Self {
+        Failure::failed(err.to_string())
+    }
+}
+
+impl From<pypool::UnknownTransport> for Failure {
+    fn from(err: pypool::UnknownTransport) -> Self {
+        Failure::usage(err.to_string())
+    }
+}
+
+/// The short name of an error's kind, for structured output.
+pub fn error_kind(err: &pypool::Error) -> &'static str {
+    use pypool::Error::*;
+    match err {
+        Saturated { .. } => "Saturated",
+        Timeout { .. } => "Timeout",
+        Handler { .. } => "Handler",
+        WorkerCrashed { .. } => "WorkerCrashed",
+        SessionWorkerLost { .. } => "SessionWorkerLost",
+        CircuitOpen { .. } => "CircuitOpen",
+        StartFailed { .. } => "StartFailed",
+        ShuttingDown { .. } => "ShuttingDown",
+        SessionEnded { .. } => "SessionEnded",
+        Protocol { .. } => "Protocol",
+        InvalidConfig(_) => "InvalidConfig",
+        _ => "PoolError",
+    }
+}
+
+/// A pool error as JSON: `{"type", "message", "traceback"}` for handler exceptions (the
+/// worker's own structured error), `{"type": <error kind>, "message"}` otherwise.
+pub fn error_json(err: &pypool::Error) -> Value {
+    match err {
+        pypool::Error::Handler { error, worker, .. } => json!({
+            "type": error.kind,
+            "message": error.message,
+            "traceback": error.traceback,
+            "worker": worker,
+            "source": "handler",
+        }),
+        other => json!({
+            "type": error_kind(other),
+            "message": other.to_string(),
+            "traceback": null,
+            "source": "pool",
+        }),
+    }
+}
+
+/// Progress display: real bars on a terminal, hidden ones otherwise (or with --json).
+#[derive(Debug, Clone, Copy)]
+pub struct Ui {
+    interactive: bool,
+    /// Whether --json was given.
+    pub json: bool,
+}
+
+impl Ui {
+    /// Decides from the options and the terminal.
+    pub fn new(global: &Global) -> Self {
+        Ui {
+            interactive: !global.json
+                && std::io::stdout().is_terminal()
+                && std::io::stderr().is_terminal(),
+            json: global.json,
+        }
+    }
+
+    /// A spinner with a message and the elapsed time, for steps of unknown length.
+    pub fn spinner(&self, message: impl Into<Cow<'static, str>>) -> ProgressBar {
+        if !self.interactive {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template("{spinner:.cyan} {msg} {elapsed:.dim}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        bar.set_message(message);
+        bar.enable_steady_tick(Duration::from_millis(100));
+        bar
+    }
+
+    /// A bar over `len` steps.
+    pub fn bar(&self, len: u64, message: impl Into<Cow<'static, str>>) -> ProgressBar {
+        if !self.interactive {
+            return ProgressBar::hidden();
+        }
+        let bar = ProgressBar::new(len).with_style(
+            ProgressStyle::with_template(
+                "{spinner:.cyan} {msg} [{bar:30.cyan/blue}] {human_pos}/{human_len} ({rate}, {eta} left)",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .with_key(
+                "rate",
+                |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{}", fmt_rate(state.per_sec()));
+                },
+            )
+            .progress_chars("=> "),
+        );
+        bar.set_message(message);
+        bar.enable_steady_tick(Duration::from_millis(100));
+        bar
+    }
+}
+
+/// Lays out rows under headers; columns whose cells all look numeric are right-aligned.
+pub fn table(headers: &[&str], rows: &[Vec<String>], indent: usize) -> String {
+    let columns = headers.len();
+    let width = |s: &str| s.chars().count();
+    let mut widths: Vec<usize> = headers.iter().map(|h| width(h)).collect();
+    let mut numeric = vec![true; columns];
+    for row in rows {
+        for (i, cell) in row.iter().enumerate().take(columns) {
+            widths[i] = widths[i].max(width(cell));
+            let looks_numeric = cell
+                .chars()
+                .next()
+                .is_none_or(|c| c.is_ascii_digit() || c == '-' || c == '—');
+            numeric[i] &= looks_numeric;
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        out.push_str(&" ".repeat(indent));
+        let mut text = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            let pad = widths[i].saturating_sub(width(cell));
+            if i > 0 {
+                text.push_str("  ");
+            }
+            if numeric[i] {
+                text.push_str(&" ".repeat(pad));
+                text.push_str(cell);
+            } else {
+                text.push_str(cell);
+                if i + 1 < cells.len() {
+                    text.push_str(&" ".repeat(pad));
+                }
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(headers.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+/// Microseconds, in the unit that reads best.
+pub fn fmt_us(us: f64) -> String {
+    if us < 1_000.0 {
+        format!("{us:.0} µs")
+    } else if us < 10_000.0 {
+        format!("{:.2} ms", us / 1e3)
+    } else if us < 1_000_000.0 {
+        format!("{:.1} ms", us / 1e3)
+    } else {
+        format!("{:.2} s", us / 1e6)
+    }
+}
+
+/// A duration, in the unit that reads best.
+pub fn fmt_duration(d: Duration) -> String {
+    fmt_us(d.as_secs_f64() * 1e6)
+}
+
+/// A whole number with thousands separators.
+pub fn fmt_count(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A rate per second.
+pub fn fmt_rate(per_second: f64) -> String {
+    if per_second >= 100.0 || per_second == 0.0 {
+        format!("{}/s", fmt_count(per_second.round() as u64))
+    } else {
+        format!("{per_second:.1}/s")
+    }
+}
+
+/// A byte count in binary units.
+pub fn fmt_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// A ratio such as `1.23×`, or `—` when it is undefined.
+pub fn fmt_ratio(ratio: Option<f64>) -> String {
+    match ratio {
+        Some(r) if r.is_finite() => format!("{r:.2}×"),
+        _ => "—".to_owned(),
+    }
+}
+
+/// Milliseconds with three decimals, for JSON.
+pub fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_read_well() {
+        assert_eq!(fmt_count(0), "0");
+        assert_eq!(fmt_count(1234567), "1,234,567");
+        assert_eq!(fmt_us(812.0), "812 µs");
+        assert_eq!(fmt_us(3_200.0), "3.20 ms");
+        assert_eq!(fmt_us(1_500_000.0), "1.50 s");
+        assert_eq!(fmt_bytes(2048), "2.0 KiB");
+        assert_eq!(fmt_ratio(None), "—");
+    }
+
+    #[test]
+    fn tables_align() {
+        let out = table(
+            &["id", "calls"],
+            &[
+                vec!["w1".into(), "5".into()],
+                vec!["w10".into(), "120".into()],
+            ],
+            2,
+        );
+        assert_eq!(out, "  id   calls\n  w1       5\n  w10    120\n");
+    }
+}

@@ -90,7 +90,8 @@ pub enum Error {
         context: CallContext,
         /// Which limit expired.
         kind: TimeoutKind,
-        /// How long the caller waited in that phase.
+        /// How long the phase that expired took: the queue wait for `Checkout`, the execution for
+        /// `Call`, the whole call for `Deadline`.
         waited: Duration,
         /// The worker that held the call, for call timeouts.
         worker: Option<String>,

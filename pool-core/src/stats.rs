@@ -216,9 +216,10 @@ pub struct PoolStats {
     pub counters: Counters,
     /// The pool right now.
     pub gauges: Gauges,
-    /// Time from asking for a worker to getting one.
+    /// Time from asking for a worker to getting one, for every call that got one.
     pub queue_wait: LatencySummary,
-    /// Time from sending a call to its final reply.
+    /// Execution time of successful calls: from sending the call to the worker to its final
+    /// reply (queue wait not included).
     pub call_time: LatencySummary,
 }
 

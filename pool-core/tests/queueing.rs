@@ -42,6 +42,11 @@ async fn waiters_are_served_first_come_first_served() {
     assert_eq!(stats.queue_wait.count, 20);
     // The 20th caller waited for 19 calls of 100 ms (HDR histograms keep 3 significant digits).
     assert_eq!(stats.queue_wait.max_us / 1000, 1_900);
+    // Execution time excludes the queue: every call ran for 100 ms.
+    assert_eq!(
+        (stats.call_time.count, stats.call_time.max_us / 1000),
+        (20, 100)
+    );
     finish(pool, &launcher).await;
 }
 

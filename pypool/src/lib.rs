@@ -90,6 +90,11 @@ const REGISTRY: &[Transport] = &[
         name: "stdio",
         make: || Arc::new(transport_stdio::StdioLauncher::new()),
     },
+    #[cfg(all(feature = "ipc", unix))]
+    Transport {
+        name: "ipc",
+        make: || Arc::new(transport_ipc::IpcLauncher::new()),
+    },
     #[cfg(feature = "testkit")]
     Transport {
         name: "fake",
@@ -117,7 +122,7 @@ const KNOWN: &[(&str, &str, bool)] = &[
 ];
 
 /// The names of the transports compiled into this build, in order of preference: `"stdio"`
-/// (feature `stdio`, on Unix) and `"fake"` (feature `testkit`). [`launcher`] accepts exactly
+/// (feature `stdio`, on Unix), `"ipc"` (feature `ipc`, on Unix) and `"fake"` (feature `testkit`). [`launcher`] accepts exactly
 /// these.
 ///
 /// ```

@@ -30,7 +30,7 @@
 //! | `pypool_queue_wait_seconds` | gauge | `quantile` = `0.5` \| `0.9` \| `0.99` \| `0.999` \| `1` | time from asking for a worker to getting one |
 //! | `pypool_queue_wait_seconds_count` | counter | | samples behind `pypool_queue_wait_seconds` |
 //! | `pypool_queue_wait_seconds_sum` | gauge | | their sum, in seconds |
-//! | `pypool_call_duration_seconds` | gauge | `quantile` (as above) | time from a call to its final reply, queue wait included; successful calls only |
+//! | `pypool_call_duration_seconds` | gauge | `quantile` (as above) | execution time: from sending the call to the worker to its final reply (queue wait not included); successful calls only |
 //! | `pypool_call_duration_seconds_count` | counter | | samples behind `pypool_call_duration_seconds` |
 //! | `pypool_call_duration_seconds_sum` | gauge | | their sum, in seconds |
 //!
@@ -116,7 +116,7 @@ pub fn describe() {
     describe_gauge!(
         "pypool_call_duration_seconds",
         Unit::Seconds,
-        "Time from a call to its final reply, queue wait included; successful calls (quantiles since the pool started)."
+        "Execution time from sending a call to its final reply, queue wait not included; successful calls (quantiles since the pool started)."
     );
 }
 

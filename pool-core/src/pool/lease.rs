@@ -36,6 +36,7 @@ impl Drop for Lease {
 pub(crate) struct InFlight {
     lease: Option<Lease>,
     id: u64,
+    sent_at: Instant,
     replies: Option<mpsc::UnboundedReceiver<Reply>>,
 }
 
@@ -44,7 +45,22 @@ impl InFlight {
         InFlight {
             lease: Some(lease),
             id,
+            sent_at: Instant::now(),
             replies: Some(replies),
+        }
+    }
+
+    /// When the call was sent to the worker.
+    pub(super) fn sent_at(&self) -> Instant {
+        self.sent_at
+    }
+
+    /// How long the phase that expired took: execution for `call_timeout`, the whole call
+    /// (queue included) for a deadline.
+    pub(super) fn waited(&self, kind: TimeoutKind, call_started: Instant) -> std::time::Duration {
+        match kind {
+            TimeoutKind::Deadline => call_started.elapsed(),
+            _ => self.sent_at.elapsed(),
         }
     }
 
@@ -246,9 +262,10 @@ impl CallStream {
             {
                 flight.finish();
             }
+            let took = flight.sent_at.elapsed();
             drop(flight);
             self.shared
-                .call_finished(self.session.as_deref(), self.started.elapsed(), outcome);
+                .call_finished(self.session.as_deref(), Some(took), outcome);
         }
     }
 }
@@ -286,7 +303,7 @@ impl Stream for CallStream {
                     let err = Error::Timeout {
                         context: this.context.clone(),
                         kind: this.timeout_kind,
-                        waited: this.started.elapsed(),
+                        waited: flight.waited(this.timeout_kind, this.started),
                         worker: Some(worker),
                     };
                     // Dropping the unfinished flight sends CANCEL and settles the worker.

@@ -484,25 +484,27 @@ impl Shared {
         let session_id = session.map(|s| s.key().clone());
         async {
             let started = Instant::now();
-            let result = async {
-                let (mut flight, deadline, kind) =
-                    self.begin(session, &context, args, options).await?;
-                match tokio::time::timeout_at(deadline, flight.collect(&context)).await {
-                    Ok(result) => result,
-                    Err(_) => Err(Error::Timeout {
-                        context: context.clone(),
-                        kind,
-                        waited: started.elapsed(),
-                        worker: Some(flight.worker_id().to_owned()),
-                    }),
+            let (result, took) = match self.begin(session, &context, args, options).await {
+                Err(err) => (Err(err), None),
+                Ok((mut flight, deadline, kind)) => {
+                    let result =
+                        match tokio::time::timeout_at(deadline, flight.collect(&context)).await {
+                            Ok(result) => result,
+                            Err(_) => Err(Error::Timeout {
+                                context: context.clone(),
+                                kind,
+                                waited: flight.waited(kind, started),
+                                worker: Some(flight.worker_id().to_owned()),
+                            }),
+                        };
+                    (result, Some(flight.sent_at().elapsed()))
                 }
-            }
-            .await;
+            };
             let outcome = match &result {
                 Ok(_) => Outcome::Ok,
                 Err(err) => Outcome::Failed(err),
             };
-            self.call_finished(session_id.as_deref(), started.elapsed(), outcome);
+            self.call_finished(session_id.as_deref(), took, outcome);
             result
         }
         .instrument(span)
@@ -529,11 +531,7 @@ impl Shared {
                 session: session.map(|s| s.key().clone()),
             }),
             Err(err) => {
-                self.call_finished(
-                    session.map(|s| &**s.key()),
-                    started.elapsed(),
-                    Outcome::Failed(&err),
-                );
+                self.call_finished(session.map(|s| &**s.key()), None, Outcome::Failed(&err));
                 Err(err)
             }
         }
@@ -815,11 +813,12 @@ impl Shared {
         }
     }
 
-    /// Records a finished call in the statistics and its session.
+    /// Records a finished call in the statistics and its session. `took` is the execution time
+    /// (from sending the call), when the call got that far.
     pub(crate) fn call_finished(
         &self,
         session: Option<&str>,
-        took: Duration,
+        took: Option<Duration>,
         outcome: Outcome<'_>,
     ) {
         // These errors come from `session_target`, before the call was registered in its session.
@@ -830,7 +829,9 @@ impl Shared {
         let failed = match outcome {
             Outcome::Ok => {
                 Metrics::inc(&self.metrics.calls_ok);
-                self.metrics.record_call_time(took);
+                if let Some(took) = took {
+                    self.metrics.record_call_time(took);
+                }
                 false
             }
             Outcome::Failed(err) => {

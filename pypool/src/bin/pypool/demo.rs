@@ -159,7 +159,7 @@ pub async fn run(global: &Global, args: DemoArgs) -> Result<ExitCode, Failure> {
     let shutdown = t0.elapsed();
     spinner.finish_and_clear();
     let processes_left =
-        (args.transport == "stdio").then(|| pids.iter().filter(|pid| alive(**pid)).count());
+        (args.transport != "fake").then(|| pids.iter().filter(|pid| alive(**pid)).count());
 
     let report = report(
         &args.transport,
@@ -534,12 +534,12 @@ fn print_human(r: &DemoReport) {
             &["", "count", "mean", "p50", "p90", "p99", "p99.9", "max"],
             &[
                 row("queue wait", &r.stats.queue_wait),
-                row("call (total)", &r.stats.call_time),
+                row("call", &r.stats.call_time),
             ],
             2
         )
     );
-    println!("  queue wait: until a worker was free; call (total): queue wait included, successful calls");
+    println!("  queue wait: until a worker was free; call: from sending to the final reply, successful calls");
     let c = &r.stats.counters;
     println!(
         "  counters: {} ok, {} failed ({} handler errors), {} checkout timeouts, {} call timeouts, {} crashes, {} launches",

@@ -58,11 +58,21 @@ pub(crate) struct WorkerConn {
     pub(crate) id: String,
     pub(crate) hello: Hello,
     pub(crate) codec: Codec,
-    sender: tokio::sync::Mutex<Box<dyn FrameSender>>,
+    /// Frames for the writer task, which owns the channel's sending half. A caller that is
+    /// cancelled mid-send therefore can never leave half a frame on the wire.
+    outbox: mpsc::UnboundedSender<Outgoing>,
     routing: Arc<Routing>,
     process: Option<Arc<dyn ProcessHandle>>,
     next_id: AtomicU64,
     reader: OnceLock<AbortHandle>,
+    writer: AbortHandle,
+}
+
+/// What the writer task is asked to do.
+enum Outgoing {
+    Frame(Bytes),
+    /// Close the sending direction (the worker sees end-of-file).
+    Close,
 }
 
 impl Drop for WorkerConn {
@@ -70,6 +80,7 @@ impl Drop for WorkerConn {
         if let Some(reader) = self.reader.get() {
             reader.abort();
         }
+        self.writer.abort();
         if let Some(process) = &self.process {
             process.kill();
         }
@@ -160,22 +171,26 @@ impl WorkerConn {
             err.error.stderr_tail = finish_process(process.as_deref()).await.1;
             return Err(err);
         }
+        let routing = Arc::new(Routing {
+            pending: Mutex::new(HashMap::new()),
+            kill_reason: Mutex::new(None),
+            kill: tokio::sync::Notify::new(),
+            pings: Mutex::new(HashMap::new()),
+            death: OnceLock::new(),
+            late_replies,
+        });
+        let (outbox, frames) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(write_loop(sender, frames, routing.clone()));
         let conn = Arc::new(WorkerConn {
             id: worker_id.into(),
             hello,
             codec,
-            sender: tokio::sync::Mutex::new(sender),
-            routing: Arc::new(Routing {
-                pending: Mutex::new(HashMap::new()),
-                kill_reason: Mutex::new(None),
-                kill: tokio::sync::Notify::new(),
-                pings: Mutex::new(HashMap::new()),
-                death: OnceLock::new(),
-                late_replies,
-            }),
+            outbox,
+            routing,
             process,
             next_id: AtomicU64::new(1),
             reader: OnceLock::new(),
+            writer: writer.abort_handle(),
         });
         Ok((conn, receiver))
     }
@@ -273,7 +288,7 @@ impl WorkerConn {
     pub(crate) async fn stop(&self, grace: Duration) {
         let _ = self.send(&Message::Shutdown, &[]).await;
         let Some(process) = &self.process else {
-            let _ = self.sender.lock().await.close().await;
+            let _ = self.outbox.send(Outgoing::Close);
             return;
         };
         if tokio::time::timeout(grace, process.wait()).await.is_ok() {
@@ -302,14 +317,13 @@ impl WorkerConn {
         self.kill();
     }
 
+    /// Queues a message for the writer task. Fails only if the connection is already gone; a
+    /// write that fails later stops the reader, which fails every pending call.
     async fn send(&self, msg: &Message, attachments: &[Bytes]) -> Result<(), String> {
         let body = protocol::encode(msg, self.codec, attachments).map_err(|e| e.to_string())?;
-        self.sender
-            .lock()
-            .await
-            .send(body)
-            .await
-            .map_err(|e| e.to_string())
+        self.outbox
+            .send(Outgoing::Frame(body))
+            .map_err(|_| "the connection is closed".to_owned())
     }
 
     fn exit_report(&self, reason: String) -> WorkerExit {
@@ -429,6 +443,28 @@ async fn read_loop(
     for (_, tx) in pending {
         let _ = tx.send(Reply::Dead(report.clone()));
     }
+}
+
+/// Owns the sending half: writes queued frames one whole frame at a time. If a write fails the
+/// worker is unusable, so the reader is told to stop.
+async fn write_loop(
+    mut sender: Box<dyn FrameSender>,
+    mut frames: mpsc::UnboundedReceiver<Outgoing>,
+    routing: Arc<Routing>,
+) {
+    while let Some(outgoing) = frames.recv().await {
+        match outgoing {
+            Outgoing::Frame(body) => {
+                if let Err(err) = sender.send(body).await {
+                    *lock(&routing.kill_reason) = Some(format!("could not be written to: {err}"));
+                    routing.kill.notify_one();
+                    return;
+                }
+            }
+            Outgoing::Close => break,
+        }
+    }
+    let _ = sender.close().await;
 }
 
 fn route(routing: &Routing, id: u64, reply: Reply) {

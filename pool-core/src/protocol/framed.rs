@@ -4,9 +4,9 @@ use std::io;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+use futures::StreamExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
 use crate::launcher::{Channel, FrameReceiver, FrameSender};
 
@@ -20,9 +20,19 @@ fn codec(max_frame: usize) -> LengthDelimitedCodec {
 }
 
 /// The sending half of [`channel_from_io`].
+///
+/// Writes the length prefix and the body straight to the writer, without copying large bodies
+/// into a buffer first. Like any `write_all`, a send cancelled part way leaves a partial frame, so
+/// the pool gives each channel's sender to a single writer task that is never cancelled mid-frame.
 pub struct FramedSender<W> {
-    inner: FramedWrite<W, LengthDelimitedCodec>,
+    writer: W,
+    max_frame: usize,
+    small: Vec<u8>,
 }
+
+/// Bodies up to this size are copied behind their length prefix and written in one call; larger
+/// ones are written in place, after the prefix.
+const COALESCE_LIMIT: usize = 16 * 1024;
 
 /// The receiving half of [`channel_from_io`].
 pub struct FramedReceiver<R> {
@@ -35,11 +45,33 @@ impl<W: AsyncWrite + Unpin + Send + Sync> FrameSender for FramedSender<W> {
         if body.is_empty() {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty frame"));
         }
-        self.inner.send(body).await
+        if body.len() > self.max_frame {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "frame of {} bytes exceeds the maximum of {}",
+                    body.len(),
+                    self.max_frame
+                ),
+            ));
+        }
+        let prefix = u32::try_from(body.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame longer than 4 GiB"))?
+            .to_be_bytes();
+        if body.len() <= COALESCE_LIMIT {
+            self.small.clear();
+            self.small.extend_from_slice(&prefix);
+            self.small.extend_from_slice(&body);
+            self.writer.write_all(&self.small).await?;
+        } else {
+            self.writer.write_all(&prefix).await?;
+            self.writer.write_all(&body).await?;
+        }
+        self.writer.flush().await
     }
 
     async fn close(&mut self) -> io::Result<()> {
-        SinkExt::<Bytes>::close(&mut self.inner).await
+        self.writer.shutdown().await
     }
 }
 
@@ -81,7 +113,9 @@ where
 {
     Channel {
         sender: Box::new(FramedSender {
-            inner: FramedWrite::new(writer, codec(max_frame)),
+            writer,
+            max_frame,
+            small: Vec::with_capacity(COALESCE_LIMIT + 4),
         }),
         receiver: Box::new(FramedReceiver {
             inner: FramedRead::new(reader, codec(max_frame)),

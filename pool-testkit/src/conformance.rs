@@ -21,17 +21,36 @@ use futures::StreamExt;
 use pool_core::{Affinity, CallOptions, Error, Launcher, Payload, Pool, PoolConfig, TimeoutKind};
 use serde_json::json;
 
-/// What a transport gives the suite.
+/// The path of one of pool-testkit's Python apps (`conformance_app.py`, `broken_import_app.py`).
+pub fn app_path(name: &str) -> String {
+    let apps = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("apps");
+    apps.join(name).to_string_lossy().into_owned()
+}
+
+/// Whether a process with this pid exists, from `/proc` (a zombie has an entry too, which is the
+/// point: it was not reaped).
+pub fn process_exists(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// What a transport gives the suite. Transports whose workers are local Python processes only
+/// implement [`launcher`](Target::launcher).
 pub trait Target: Send + Sync {
     /// A fresh launcher for one pool.
     fn launcher(&self) -> Arc<dyn Launcher>;
     /// The conformance app (path or module) the workers serve.
-    fn app(&self) -> String;
+    fn app(&self) -> String {
+        app_path("conformance_app.py")
+    }
     /// An app whose import fails.
-    fn broken_app(&self) -> String;
+    fn broken_app(&self) -> String {
+        app_path("broken_import_app.py")
+    }
     /// Whether a process with this pid still exists (a zombie counts as existing: it was not
     /// reaped).
-    fn process_exists(&self, pid: u32) -> bool;
+    fn process_exists(&self, pid: u32) -> bool {
+        process_exists(pid)
+    }
     /// Whether workers are real processes that can write to stdout and be signalled (false for
     /// the fakes, which skip the process-level parts of some cases).
     fn real_processes(&self) -> bool {

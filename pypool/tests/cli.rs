@@ -260,7 +260,7 @@ fn bench_baseline_measures_the_floor_and_pythons_pools() {
     assert_eq!(report["calls"], 200);
     assert_latency(&report["latency_us"], "latency_us");
     let baselines = &report["baselines"];
-    for name in ["raw_pipes", "multiprocessing_pool", "process_pool_executor"] {
+    for name in ["raw_floor", "multiprocessing_pool", "process_pool_executor"] {
         let b = &baselines[name];
         assert!(b.is_object(), "no baseline {name}: {report}");
         assert_eq!(b["calls"], 200, "{name}: {b}");

@@ -1,4 +1,4 @@
-//! `pypool bench --baseline`: the same workload on raw pipes and on Python's own pools.
+//! `pypool bench --baseline`: the same workload on the raw channel and on Python's own pools.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use pypool::stdio::StdioLauncher;
 use pypool::WorkerSpec;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
 use tokio::task::JoinSet;
 
 use crate::assets::{Assets, PYTHON_POOLS, RAW_ECHO};
@@ -39,7 +39,7 @@ pub struct Compared {
 /// Every baseline, under the `baselines` key of `pypool bench --baseline --json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Baselines {
-    pub raw_pipes: Compared,
+    pub raw_floor: Compared,
     pub multiprocessing_pool: Compared,
     pub process_pool_executor: Compared,
 }
@@ -48,7 +48,7 @@ impl Baselines {
     /// The baselines with their display names, in order.
     pub fn named(&self) -> [(&'static str, &Compared); 3] {
         [
-            ("raw pipes (floor)", &self.raw_pipes),
+            ("raw floor", &self.raw_floor),
             ("multiprocessing.Pool", &self.multiprocessing_pool),
             ("ProcessPoolExecutor", &self.process_pool_executor),
         ]
@@ -81,6 +81,7 @@ fn compare(description: &'static str, measurement: Measurement, pypool: &Measure
 pub async fn run_all(
     ui: &Ui,
     global: &Global,
+    transport: &str,
     assets: &Assets,
     w: Workload,
     pypool: &Measurement,
@@ -93,7 +94,7 @@ pub async fn run_all(
         .map_err(|err| Failure::start(err.to_string()))?;
     let python = interpreter.executable.as_path();
 
-    let raw = raw_pipes(ui, python, &assets.path(RAW_ECHO.0), w).await?;
+    let raw = raw_floor(ui, python, &assets.path(RAW_ECHO.0), transport, w).await?;
     let script = assets.path(PYTHON_POOLS.0);
     let mp = python_pool(
         ui,
@@ -106,8 +107,12 @@ pub async fn run_all(
     .await?;
     let ex = python_pool(ui, python, &script, "executor", "ProcessPoolExecutor", w).await?;
     Ok(Baselines {
-        raw_pipes: compare(
-            "WORKERS Python processes echoing length-prefixed frames over stdin/stdout, one frame at a time each, driven directly from Rust (tokio::process) by CONCURRENCY callers spread over them: no protocol, no pool",
+        raw_floor: compare(
+            if transport == "ipc" {
+                "WORKERS Python processes echoing length-prefixed frames over a Unix socket each, one frame at a time, driven directly from Rust by CONCURRENCY callers spread over them: no protocol, no auth, no pool"
+            } else {
+                "WORKERS Python processes echoing length-prefixed frames over stdin/stdout, one frame at a time each, driven directly from Rust (tokio::process) by CONCURRENCY callers spread over them: no protocol, no pool"
+            },
             raw,
             pypool,
         ),
@@ -131,8 +136,8 @@ struct Echo {
 }
 
 struct EchoIo {
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
+    stdin: Box<dyn AsyncWrite + Unpin + Send>,
+    stdout: BufReader<Box<dyn AsyncRead + Unpin + Send>>,
     body: Vec<u8>,
 }
 
@@ -154,35 +159,71 @@ impl Echo {
     }
 }
 
-/// The physical floor: `workers` Python processes echoing frames over their pipes, each serving
-/// one caller at a time, driven straight from Rust: no protocol, no pool. Callers are spread over
-/// the processes and queue for theirs.
-async fn raw_pipes(
+/// The physical floor: `workers` Python processes echoing frames over the transport's kind of
+/// channel (their pipes for stdio, a Unix socket each for ipc), each serving one caller at a time,
+/// driven straight from Rust: no protocol, no pool. Callers are spread over the processes and
+/// queue for theirs.
+async fn raw_floor(
     ui: &Ui,
     python: &Path,
     script: &Path,
+    transport: &str,
     w: Workload,
 ) -> Result<Measurement, Failure> {
-    let spinner = ui.spinner(format!("raw pipes: starting {} echo processes", w.workers));
+    let spinner = ui.spinner(format!("raw floor: starting {} echo processes", w.workers));
     let t0 = Instant::now();
+    let socket_dir = tempfile::tempdir()
+        .map_err(|err| Failure::start(format!("cannot create a socket directory: {err}")))?;
+    let socket_path = socket_dir.path().join("floor.sock");
+    let listener = if transport == "ipc" {
+        let listener = tokio::net::UnixListener::bind(&socket_path)
+            .map_err(|err| Failure::start(format!("cannot listen on a Unix socket: {err}")))?;
+        Some(listener)
+    } else {
+        None
+    };
     let mut children: Vec<Child> = Vec::with_capacity(w.workers);
     let mut echoes = Vec::with_capacity(w.workers);
     for _ in 0..w.workers {
-        let mut child = Command::new(python)
+        let mut command = Command::new(python);
+        command
             .arg(script)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .kill_on_drop(true)
+            .kill_on_drop(true);
+        match &listener {
+            Some(_) => command
+                .arg("--socket")
+                .arg(&socket_path)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null()),
+            None => command.stdin(Stdio::piped()).stdout(Stdio::piped()),
+        };
+        let mut child = command
             .spawn()
             .map_err(|err| Failure::start(format!("cannot start `{}`: {err}", python.display())))?;
-        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-            return Err(Failure::failed("the echo process has no pipes"));
+        let (writer, reader): (
+            Box<dyn AsyncWrite + Unpin + Send>,
+            Box<dyn AsyncRead + Unpin + Send>,
+        ) = match &listener {
+            Some(listener) => {
+                let (stream, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
+                    .await
+                    .map_err(|_| Failure::start("an echo process did not connect within 30 s"))?
+                    .map_err(|err| Failure::start(format!("accept failed: {err}")))?;
+                let (read, write) = stream.into_split();
+                (Box::new(write), Box::new(read))
+            }
+            None => {
+                let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+                    return Err(Failure::failed("the echo process has no pipes"));
+                };
+                (Box::new(stdin), Box::new(stdout))
+            }
         };
         echoes.push(Echo {
             io: tokio::sync::Mutex::new(Some(EchoIo {
-                stdin,
-                stdout: BufReader::with_capacity(64 * 1024, stdout),
+                stdin: writer,
+                stdout: BufReader::with_capacity(64 * 1024, reader),
                 body: Vec::new(),
             })),
         });
@@ -198,8 +239,8 @@ async fn raw_pipes(
     while let Some(done) = ready.join_next().await {
         match done {
             Ok(Ok(_)) => {}
-            Ok(Err(err)) => return Err(Failure::start(format!("raw pipes baseline: {err}"))),
-            Err(err) => return Err(Failure::failed(format!("raw pipes baseline: {err}"))),
+            Ok(Err(err)) => return Err(Failure::start(format!("raw floor baseline: {err}"))),
+            Err(err) => return Err(Failure::failed(format!("raw floor baseline: {err}"))),
         }
     }
     let startup = t0.elapsed();
@@ -212,7 +253,7 @@ async fn raw_pipes(
     frame.resize(4 + w.payload, b'x');
     let frame: Arc<[u8]> = frame.into();
     let expected = w.payload;
-    let bar = ui.bar(w.calls, "raw pipes (floor)");
+    let bar = ui.bar(w.calls, "raw floor");
     let caller_echoes = echoes.clone();
     let workers = w.workers;
     let driven = drive(w.concurrency, w.calls, &bar, move |caller| {
@@ -229,7 +270,7 @@ async fn raw_pipes(
     .await;
     bar.finish_and_clear();
 
-    // Close every stdin: the scripts exit at end of file.
+    // Close every channel: the scripts exit at end of file.
     for echo in echoes.iter() {
         echo.io.lock().await.take();
     }

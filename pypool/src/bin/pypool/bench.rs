@@ -54,9 +54,9 @@ pub async fn run(global: &Global, args: BenchArgs) -> Result<ExitCode, Failure> 
         calls: args.calls,
         payload: args.payload as usize,
     };
-    if args.baseline && args.transport != "stdio" {
+    if args.baseline && !matches!(args.transport.as_str(), "stdio" | "ipc") {
         return Err(Failure::usage(format!(
-            "--baseline compares against stdio pipes and Python's pools; run it with --transport stdio (not {})",
+            "--baseline compares against the raw channel of a process transport and Python's pools; run it with --transport stdio or ipc (not {})",
             args.transport
         )));
     }
@@ -67,7 +67,7 @@ pub async fn run(global: &Global, args: BenchArgs) -> Result<ExitCode, Failure> 
     let (pypool, python) =
         bench_pool(&ui, global, &args.transport, launcher, &app, workload).await?;
     let baselines = if args.baseline {
-        Some(baseline::run_all(&ui, global, &assets, workload, &pypool).await?)
+        Some(baseline::run_all(&ui, global, &args.transport, &assets, workload, &pypool).await?)
     } else {
         None
     };
@@ -264,6 +264,6 @@ fn print_human(report: &Report, w: Workload) {
         println!(
             "pypool ÷ this: above 1 for throughput, below 1 for latency means pypool is faster."
         );
-        println!("raw pipes is the floor: Python echoing length-prefixed frames on stdin/stdout, driven from Rust with no protocol and no pool.");
+        println!("raw floor: Python echoing length-prefixed frames over the same kind of channel (pipes for stdio, a Unix socket for ipc), driven from Rust with no protocol and no pool.");
     }
 }

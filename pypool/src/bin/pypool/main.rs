@@ -41,7 +41,7 @@ With --json, one object on stdout:
   {\"transport\", \"workers\", \"concurrency\", \"calls\", \"payload_bytes\", \"errors\",
    \"startup_ms\", \"duration_ms\", \"throughput_per_s\",
    \"latency_us\": {\"mean\", \"p50\", \"p99\", \"p999\", \"max\"}, \"python\",
-   \"baselines\" (with --baseline): {\"raw_pipes\", \"multiprocessing_pool\", \"process_pool_executor\"},
+   \"baselines\" (with --baseline): {\"raw_floor\", \"multiprocessing_pool\", \"process_pool_executor\"},
      each {\"description\", \"startup_ms\", \"duration_ms\", \"calls\", \"errors\", \"throughput_per_s\",
            \"latency_us\", \"pypool_ratio\": {\"throughput\", \"p50\", \"p99\"}}}
   pypool_ratio = pypool's figure / the baseline's: above 1 for throughput, below 1 for latency
@@ -112,13 +112,14 @@ pub enum Command {
     /// HDR histogram.
     ///
     /// With --baseline the same workload also runs, one after the other, on:
-    ///   - raw pipes: WORKERS Python processes echoing length-prefixed frames over stdin/stdout,
-    ///     driven directly from Rust: no protocol, no pool (the physical floor of stdio);
+    ///   - the raw floor: WORKERS Python processes echoing length-prefixed frames over the
+    ///     transport's kind of channel (stdin/stdout for stdio, a Unix socket for ipc), driven
+    ///     directly from Rust: no protocol, no pool;
     ///   - Python's multiprocessing.Pool and concurrent.futures.ProcessPoolExecutor with WORKERS
     ///     processes and CONCURRENCY caller threads.
     ///
     /// Each is shown with pypool's throughput and latency as a ratio of its own (--baseline
-    /// needs the stdio transport). The runs share one machine, so compare ratios, not absolute
+    /// needs a process transport: stdio or ipc). The runs share one machine, so compare ratios, not absolute
     /// numbers, and prefer a release build (`cargo run --release -p pypool -- bench`).
     #[command(after_help = BENCH_AFTER_HELP)]
     Bench(BenchArgs),
@@ -196,7 +197,7 @@ pub struct BenchArgs {
     #[arg(long, short, value_name = "BYTES", default_value_t = 64, value_parser = clap::value_parser!(u32).range(0..=64 * 1024 * 1024))]
     pub payload: u32,
 
-    /// Also run the same workload on raw pipes (the floor), multiprocessing.Pool and
+    /// Also run the same workload on the raw channel (the floor), multiprocessing.Pool and
     /// ProcessPoolExecutor, and show pypool as a ratio of each.
     #[arg(long)]
     pub baseline: bool,

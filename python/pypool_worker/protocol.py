@@ -29,6 +29,7 @@ DEFAULT_MAX_FRAME = 256 * 1024 * 1024
 ATT_KEY = "__pypool_att__"
 
 _LEN = struct.Struct(">I")
+_BODY_PREFIX = struct.Struct(">BI")  # codec byte, header length
 _FRAME_PREFIX = struct.Struct(">IBI")  # frame length, codec byte, header length
 _ATT_KEY_BYTES = ATT_KEY.encode("ascii")
 
@@ -107,41 +108,69 @@ def _extract_for_msgpack(value, atts):
     return value  # anything else: msgpack accepts it (int/str subclasses) or raises TypeError
 
 
+class _HasBytes(Exception):
+    """Raised out of the plain JSON encoder when the value holds a byte string."""
+
+
+def _no_bytes(obj):
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        raise _HasBytes
+    raise TypeError("Object of type %s is not JSON serializable" % type(obj).__name__)
+
+
+# Built once: json.dumps with options builds a new JSONEncoder on every call, which costs more
+# than encoding a small header. Encoding keeps no state on the instance, so threads share it.
+# allow_nan=False: NaN/Infinity are not JSON and would make the pool drop the worker.
+_encode_plain_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
+                                      allow_nan=False, default=_no_bytes).encode
+
+
+def _encode_json_with_bytes(header, atts):
+    """JSON text of ``header`` with its byte strings moved to ``atts`` (the slower path)."""
+
+    def default(obj):
+        # json calls this, in output order, for every value it cannot encode itself.
+        if isinstance(obj, (bytes, bytearray, memoryview)):
+            atts.append(_as_attachment(obj))
+            return {ATT_KEY: len(atts) - 1}
+        raise TypeError("Object of type %s is not JSON serializable" % type(obj).__name__)
+
+    text = json.dumps(header, default=default, ensure_ascii=False, separators=(",", ":"),
+                      allow_nan=False)
+    # The attachment lengths are only known after encoding; append the tiny tail rather than
+    # walking the value twice.
+    sep = "," if len(text) > 2 else ""  # "{}" has no member to follow
+    return text[:-1] + sep + '"att":' + json.dumps([_nbytes(a) for a in atts]) + "}"
+
+
+def _encode_header(header, codec):
+    """(encoded header, attachments): attachments are the caller's objects, never copied."""
+    atts = []
+    if codec == JSON:
+        try:
+            # Most messages hold no byte strings: the prebuilt encoder handles them.
+            text = _encode_plain_json(header)
+        except _HasBytes:
+            text = _encode_json_with_bytes(header, atts)
+        return text.encode("utf-8"), atts
+    if codec == MSGPACK:
+        if _msgpack is None:
+            raise ProtocolError("msgpack codec requested but msgpack is not installed")
+        header = _extract_for_msgpack(header, atts)
+        if atts:
+            header["att"] = [_nbytes(a) for a in atts]
+        return _msgpack.packb(header, use_bin_type=True), atts
+    raise ValueError("unknown codec %r" % (codec,))
+
+
 def encode_body(header, codec=JSON):
     """Encode one message; return the list of buffers making up the body (no frame prefix).
 
     The first buffer is the codec byte + header length + header; the rest are attachments, kept
     as the caller's objects so that large byte strings are never copied.
     """
-    atts = []
-    if codec == JSON:
-
-        def default(obj):
-            # json calls this, in output order, for every value it cannot encode itself.
-            if isinstance(obj, (bytes, bytearray, memoryview)):
-                atts.append(_as_attachment(obj))
-                return {ATT_KEY: len(atts) - 1}
-            raise TypeError("Object of type %s is not JSON serializable" % type(obj).__name__)
-
-        # allow_nan=False: NaN/Infinity are not JSON and would make the pool drop the worker.
-        text = json.dumps(header, default=default, ensure_ascii=False, separators=(",", ":"),
-                          allow_nan=False)
-        if atts:
-            # The attachment lengths are only known after encoding; re-encode the tiny tail
-            # rather than walking the value twice.
-            sep = "," if len(text) > 2 else ""  # "{}" has no member to follow
-            text = text[:-1] + sep + '"att":' + json.dumps([_nbytes(a) for a in atts]) + "}"
-        head = text.encode("utf-8")
-    elif codec == MSGPACK:
-        if _msgpack is None:
-            raise ProtocolError("msgpack codec requested but msgpack is not installed")
-        header = _extract_for_msgpack(header, atts)
-        if atts:
-            header["att"] = [_nbytes(a) for a in atts]
-        head = _msgpack.packb(header, use_bin_type=True)
-    else:
-        raise ValueError("unknown codec %r" % (codec,))
-    return [struct.pack(">BI", _CODEC_BYTE[codec], len(head)) + head] + atts
+    head, atts = _encode_header(header, codec)
+    return [_BODY_PREFIX.pack(_CODEC_BYTE[codec], len(head)) + head] + atts
 
 
 def encode_frame(header, codec=JSON, max_frame=DEFAULT_MAX_FRAME):
@@ -149,13 +178,14 @@ def encode_frame(header, codec=JSON, max_frame=DEFAULT_MAX_FRAME):
 
     Raises FrameTooLarge (before anything is written) if the body would exceed ``max_frame``.
     """
-    parts = encode_body(header, codec)
-    size = sum(_nbytes(p) for p in parts)
+    head, atts = _encode_header(header, codec)
+    size = 5 + len(head)
+    for att in atts:
+        size += _nbytes(att)
     if size > max_frame:
         raise FrameTooLarge("%s message of %d bytes exceeds max_frame %d"
                             % (header.get("type", "?"), size, max_frame))
-    parts[0] = _LEN.pack(size) + parts[0]
-    return parts
+    return [_FRAME_PREFIX.pack(size, _CODEC_BYTE[codec], len(head)) + head] + atts
 
 
 def _nbytes(buf):
@@ -193,25 +223,23 @@ def _resolve_placeholders(value, atts):
 
 def decode_body(body):
     """Decode one frame body into its header dict, attachments already substituted as bytes."""
-    mv = memoryview(body)
-    size = len(mv)
+    size = len(body)
     if size < 5:
         raise ProtocolError("frame body of %d bytes is shorter than its 5-byte prefix" % size)
-    codec_byte = mv[0]
-    (header_len,) = _LEN.unpack(mv[1:5])
-    if 5 + header_len > size:
+    codec_byte, header_len = _BODY_PREFIX.unpack_from(body)
+    header_end = 5 + header_len
+    if header_end > size:
         raise ProtocolError("header length %d exceeds the %d-byte body" % (header_len, size))
-    raw = mv[5:5 + header_len]
     codec = _BYTE_CODEC.get(codec_byte)
     try:
         if codec == JSON:
-            text = str(raw, "utf-8")
+            text = str(body[5:header_end], "utf-8")
             mentions_placeholder = ATT_KEY in text
             header = json.loads(text)
         elif codec == MSGPACK:
             if _msgpack is None:
                 raise ProtocolError("received a msgpack frame but msgpack is not installed")
-            packed = bytes(raw)
+            packed = bytes(body[5:header_end])
             mentions_placeholder = _ATT_KEY_BYTES in packed
             header = _msgpack.unpackb(packed, raw=False, strict_map_key=False)
         else:
@@ -220,25 +248,26 @@ def decode_body(body):
         raise
     except Exception as exc:  # any decoder failure means the same thing: a bad header
         raise ProtocolError("cannot decode %s header: %s" % (codec, exc)) from None
-    if not isinstance(header, dict):
+    if type(header) is not dict:
         raise ProtocolError("header is a %s, not a map" % type(header).__name__)
     if not isinstance(header.get("type"), str):
         raise ProtocolError("header has no string 'type' field")
 
     lengths = header.get("att")
     if lengths is None:
-        lengths = []
-    if not isinstance(lengths, list) or not all(_is_u64(n) for n in lengths):
+        lengths = ()
+    elif not isinstance(lengths, list) or not all(_is_u64(n) for n in lengths):
         raise ProtocolError("'att' must be a list of non-negative integers")
-    expected = 5 + header_len + sum(lengths)
+    expected = header_end + sum(lengths)
     if expected != size:
         raise ProtocolError("body is %d bytes but its header announces %d" % (size, expected))
 
     # Skip the walk for the common attachment-free message; still walk if a placeholder appears,
     # so that a dangling placeholder is rejected instead of reaching a handler as a dict.
     if lengths or mentions_placeholder:
+        mv = memoryview(body)
         atts = []
-        offset = 5 + header_len
+        offset = header_end
         for n in lengths:
             atts.append(bytes(mv[offset:offset + n]))
             offset += n
@@ -285,13 +314,95 @@ def read_frame(readinto, max_frame=DEFAULT_MAX_FRAME):
     return body
 
 
+class FrameReader:
+    """Reads frames from a byte stream with one ``readinto`` call per frame, not two.
+
+    ``read_frame`` asks for exactly the 4 length bytes and then exactly the body, so each frame
+    costs two system calls. This reader fills a buffer with whatever the stream has (often
+    several small frames at once) and cuts frames out of it. Frames larger than the buffer are
+    still read straight into a buffer of their own size, allocated only after the length was
+    checked against ``max_frame``. All reads of a stream must then go through one FrameReader,
+    since it may hold bytes that belong to the next frames.
+    """
+
+    def __init__(self, readinto, max_frame=DEFAULT_MAX_FRAME, buffer_size=64 * 1024):
+        self._readinto = readinto
+        self.max_frame = max_frame
+        self._buf = bytearray(buffer_size)
+        self._view = memoryview(self._buf)
+        self._start = 0  # buffered bytes are _buf[_start:_end]
+        self._end = 0
+
+    def _fill(self, need):
+        """Read until ``need`` bytes are buffered; False on EOF first."""
+        if self._start + need > len(self._buf):  # no room behind: move what we have to the front
+            held = self._end - self._start
+            self._buf[:held] = self._view[self._start:self._end]
+            self._start, self._end = 0, held
+        while self._end - self._start < need:
+            n = self._readinto(self._view[self._end:])
+            if not n:
+                return False
+            self._end += n
+        return True
+
+    def read(self):
+        """The next frame body, or None on a clean EOF; ProtocolError for a bad frame."""
+        if self._end - self._start < 4 and not self._fill(4):
+            if self._end == self._start:
+                return None
+            raise ProtocolError("channel closed inside a frame length")
+        (length,) = _LEN.unpack_from(self._buf, self._start)
+        if length == 0:
+            raise ProtocolError("zero-length frame")
+        if length > self.max_frame:
+            raise ProtocolError("frame of %d bytes exceeds max_frame %d" % (length, self.max_frame))
+        start = self._start + 4
+        if length > len(self._buf) - 4:
+            # Too large for the buffer: take what it holds, read the rest in place.
+            body = bytearray(length)
+            held = self._end - start
+            body[:held] = self._view[start:self._end]
+            self._start = self._end = 0
+            if _read_exact(self._readinto, memoryview(body)[held:]) < length - held:
+                raise ProtocolError("channel closed inside a %d-byte frame" % length)
+            return body
+        if self._end - start < length:
+            if not self._fill(4 + length):
+                raise ProtocolError("channel closed inside a %d-byte frame" % length)
+            start = self._start + 4
+        self._start = start + length
+        return self._buf[start:self._start]
+
+
 def write_all(writev, parts):
     """Write every buffer in ``parts`` with ``writev(list_of_buffers) -> int``.
 
     Handles partial writes and IOV_MAX without joining the buffers into one copy.
     """
+    skip = 0
+    if len(parts) <= _IOV_MAX:
+        # The usual case: one call writes everything, and nothing needs a memoryview.
+        total = 0
+        for p in parts:
+            total += _nbytes(p)
+        skip = writev(parts)
+        if skip == total:
+            return
+        if skip <= 0:
+            raise BrokenPipeError("the channel accepted no bytes")
     views = [memoryview(p).cast("B") if not isinstance(p, memoryview) else p for p in parts]
     i = 0
+    while skip > 0:  # drop what the first call wrote
+        n = len(views[i])
+        if skip >= n:
+            skip -= n
+            i += 1
+        else:
+            views[i] = views[i][skip:]
+            skip = 0
+    while i < len(views) and len(views[i]) == 0:
+        i += 1
     while i < len(views):
         written = writev(views[i:i + _IOV_MAX])
         if written <= 0 and len(views[i]):

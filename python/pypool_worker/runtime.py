@@ -1,36 +1,52 @@
 """The pypool worker process: handshake, call dispatch, cancellation, sessions and shutdown.
 
-Threads and why:
+Threads and why (thread handoffs cost tens of microseconds under the GIL, so a call makes at
+most one):
 
-* the main thread runs one asyncio loop. Every message from the pool is dispatched there, and
-  ``async def`` handlers run there as tasks, so pings and cancels are answered even while
-  handlers are busy;
-* a reader thread does blocking frame reads and decodes them, handing messages to the loop;
-* one executor thread runs sync handlers one at a time, so a sync handler never blocks the loop;
+* the **reader** does the blocking frame reads and handles every message that needs no handler
+  itself: it answers ``ping``, sets a call's cancellation flag on ``cancel``, drops session state
+  on ``session_end``, and exits on ``shutdown`` and end-of-file. Because it never runs handler
+  code, the pool gets its answers while handlers are busy. In a sync-only app the reader is the
+  main thread;
+* one **sync thread** runs sync handlers (and sync generators) one at a time, in arrival order.
+  The reader hands it each call through a SimpleQueue: the single handoff of a sync call. It is
+  always the same thread, so thread-local state a handler sets is still there on its next call;
+* an **asyncio loop** exists only when it is needed: apps with an ``async def`` handler (or
+  async generator) run it on the main thread, and the reader hands it calls with
+  ``call_soon_threadsafe``. A sync-only app never imports asyncio (about 35 ms of start-up),
+  unless a sync handler returns an awaitable: then a loop is started on a thread to finish it;
 * small watcher threads make the process exit on SIGTERM and when its parent goes away.
 
-Replies are written by whichever thread produced them; a lock keeps frames whole. Every way out
-of the process is ``os._exit``: the pool wants a prompt exit, not a wait for handler threads.
+A reply is encoded and written by the thread that produced it (the sync thread, the loop, or
+the reader for pongs and errors it detects itself); the channel's write lock keeps frames whole.
+Every way out of the process is ``os._exit``: the pool wants a prompt exit, not a wait for
+handler threads.
+
+Start-up time matters (a pool may start dozens of workers at once), so modules that only some
+paths need (asyncio, inspect, traceback, socket, hmac, importlib.util, ...) are imported where
+they are used, not here.
+
+Session state: ``ctx.session`` is a plain dict per session id. The reader creates it when a
+call names the session and drops it on ``session_end``, both in wire order, so a call sent
+before ``session_end`` sees the old state and one sent after gets a fresh dict (a call still
+running keeps the dict it was given). Handlers share it under these rules: sync handlers never
+overlap each other, and async handlers interleave only at ``await``; but a sync and an async
+handler of the same session can run at the same time (``max_in_flight`` > 1), and then only
+single dict operations are atomic, so a read-modify-write that both kinds do needs the app's
+own ``threading.Lock``.
 """
 
-import argparse
-import asyncio
 import faulthandler
-import hashlib
-import hmac
-import importlib
-import importlib.util
-import inspect
+import functools
+import io
 import os
-import platform
 import signal
-import socket
 import sys
 import threading
 import time
-import traceback
 import types
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable
+from queue import SimpleQueue
 
 from . import __version__
 from . import protocol
@@ -70,6 +86,42 @@ class UsageError(Exception):
 _HANDLERS = {}  # command name -> _Handler, filled by @handler while the app module imports
 
 
+# Code flags (inspect.CO_COROUTINE and CO_ASYNC_GENERATOR; their values are fixed by CPython).
+_CO_COROUTINE = 0x80
+_CO_ASYNC_GENERATOR = 0x200
+
+
+def _describe(fn):
+    """(runs on the loop, takes ctx, position of ctx among positional parameters or None)."""
+    if type(fn) is types.FunctionType and not fn.__dict__:
+        # A plain function with no attributes (so no __wrapped__, __signature__ or coroutine
+        # mark): its code object says all that inspect would, without importing inspect.
+        code = fn.__code__
+        on_loop = bool(code.co_flags & (_CO_COROUTINE | _CO_ASYNC_GENERATOR))
+        names = code.co_varnames
+        positional = code.co_argcount  # positional-only ones first, then positional-or-keyword
+        for i in range(code.co_posonlyargcount, positional):
+            if names[i] == "ctx":
+                return on_loop, True, i
+        keyword_only = names[positional:positional + code.co_kwonlyargcount]
+        return on_loop, "ctx" in keyword_only, None
+
+    import inspect  # wrapped functions, partials, callable objects, builtins
+
+    on_loop = inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # some builtins have no signature: no ctx for them
+        params = []
+    positional = 0
+    for p in params:
+        if p.name == "ctx" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            return on_loop, True, positional if p.kind == p.POSITIONAL_OR_KEYWORD else None
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            positional += 1
+    return on_loop, False, None
+
+
 class _Handler:
     """A registered function plus what the runtime needs to know to call it."""
 
@@ -79,24 +131,10 @@ class _Handler:
         self.name = name
         self.fn = fn
         # Coroutine and async-generator functions run on the loop. Anything else runs on the
-        # executor thread; if it turns out to return an awaitable (a sync wrapper around an
-        # async function), the loop finishes it.
-        self.on_loop = inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
-        self.wants_ctx = False
-        self.ctx_index = None  # position of `ctx` among positional parameters, if it has one
-        try:
-            params = list(inspect.signature(fn).parameters.values())
-        except (TypeError, ValueError):  # some builtins have no signature: no ctx for them
-            params = []
-        positional = 0
-        for p in params:
-            if p.name == "ctx" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-                self.wants_ctx = True
-                if p.kind == p.POSITIONAL_OR_KEYWORD:
-                    self.ctx_index = positional
-                break
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-                positional += 1
+        # sync thread; if it turns out to return an awaitable (a sync wrapper around an async
+        # function), the loop finishes it. ctx_index: where `ctx` goes among positional
+        # arguments, or None to pass it by keyword.
+        self.on_loop, self.wants_ctx, self.ctx_index = _describe(fn)
 
     def bind(self, args, ctx):
         """Map the call's ``args`` onto (positional, keyword) arguments, adding ``ctx``."""
@@ -163,7 +201,7 @@ class Context:
     """
 
     __slots__ = ("call_id", "command", "session_id", "session", "deadline",
-                 "_flag", "_event", "_loop")
+                 "_cancelled", "_event", "_loop")
 
     def __init__(self, call_id=0, session_id=None, session=None, deadline=None, command="",
                  _loop=None):
@@ -172,19 +210,20 @@ class Context:
         self.session_id = session_id
         self.session = {} if session is None else session
         self.deadline = deadline
-        # A threading.Event because sync handlers read the flag from the executor thread.
-        self._flag = threading.Event()
+        # Set by the reader thread, read by the handler's thread: a plain attribute is enough
+        # (its assignment is atomic), and costs nothing per call unlike a threading.Event.
+        self._cancelled = False
         self._event = None  # asyncio.Event for wait_cancelled(), made on first use
-        self._loop = _loop
+        self._loop = _loop  # the worker's loop, once the call runs there
 
     @property
     def cancelled(self):
         """True once the pool has cancelled this call."""
-        return self._flag.is_set()
+        return self._cancelled
 
     def check_cancelled(self):
         """Raise Cancelled if the pool has cancelled this call (for sync handlers' loops)."""
-        if self._flag.is_set():
+        if self._cancelled:
             raise Cancelled("call %s was cancelled" % (self.call_id,))
 
     def time_left(self):
@@ -195,21 +234,22 @@ class Context:
 
     async def wait_cancelled(self):
         """Return once the pool has cancelled this call."""
-        if self._flag.is_set():
+        import asyncio  # already loaded: something is running a coroutine
+
+        if self._cancelled:
             return
-        if asyncio.get_running_loop() is self._loop:
+        if self._loop is not None and asyncio.get_running_loop() is self._loop:
             if self._event is None:
                 self._event = asyncio.Event()
             await self._event.wait()
         else:
             # Another event loop (e.g. asyncio.run inside a sync handler) cannot be woken
-            # safely from the worker's loop, so it polls the thread-safe flag instead.
-            while not self._flag.is_set():
+            # safely from the worker's loop, so it polls the flag instead.
+            while not self._cancelled:
                 await asyncio.sleep(0.05)
 
-    def _set_cancelled(self):
-        # Called on the worker loop's thread.
-        self._flag.set()
+    def _wake_waiters(self):
+        # On the worker loop's thread, after the reader set _cancelled.
         if self._event is not None:
             self._event.set()
 
@@ -269,8 +309,14 @@ def _user_traceback(exc):
 
 
 def _cap(text):
+    """An error text the pool can always receive: bounded, and encodable as UTF-8."""
     if len(text) > _MAX_ERROR_TEXT:
-        return text[:_MAX_ERROR_TEXT] + "\n... (truncated)"
+        text = text[:_MAX_ERROR_TEXT] + "\n... (truncated)"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # Lone surrogates (e.g. from os.fsdecode) would make the error itself unsendable.
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text
 
 
@@ -282,6 +328,8 @@ def error_info(exc, message=None):
         except Exception:
             message = "<unprintable %s>" % type(exc).__qualname__
     try:
+        import traceback  # only errors need it
+
         tb_text = "".join(traceback.format_exception(type(exc), exc, _user_traceback(exc)))
     except Exception:
         tb_text = None
@@ -294,17 +342,29 @@ def error_info(exc, message=None):
 
 
 class _Channel:
-    """Frames over a byte stream: thread-safe whole-frame writes, blocking reads."""
+    """Frames over a byte stream: thread-safe whole-frame writes, blocking reads.
+
+    Only one thread reads at a time (the handshake, then the reader thread); any thread writes.
+    """
 
     def __init__(self, readinto, writev):
-        self._readinto = readinto
+        self._frames = protocol.FrameReader(readinto)
         self._writev = writev
         self._lock = threading.Lock()
         self.codec = protocol.JSON  # until WELCOME says otherwise
         self.max_frame = protocol.DEFAULT_MAX_FRAME
 
+    @property
+    def max_frame(self):
+        return self._max_frame
+
+    @max_frame.setter
+    def max_frame(self, value):
+        self._max_frame = value
+        self._frames.max_frame = value  # enforced on incoming frames too
+
     def encode(self, header):
-        return protocol.encode_frame(header, self.codec, self.max_frame)
+        return protocol.encode_frame(header, self.codec, self._max_frame)
 
     def write(self, parts):
         try:
@@ -320,9 +380,7 @@ class _Channel:
     def recv(self):
         """The next message, or None once the pool has closed the channel."""
         try:
-            body = protocol.read_frame(self._readinto, self.max_frame)
-        except ProtocolError:
-            raise
+            body = self._frames.read()
         except OSError as exc:
             log("channel read failed: %s" % exc)
             return None
@@ -351,11 +409,16 @@ def _open_stdio():
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
-    return _Channel(lambda view: os.readv(frames_in, [view]),
-                    lambda bufs: os.writev(frames_out, bufs))
+    # FileIO.readinto and a partial of os.writev: no Python frame per system call.
+    reader = io.FileIO(frames_in, "rb", closefd=False)
+    return _Channel(reader.readinto, functools.partial(os.writev, frames_out))
 
 
 def _open_ipc(secret):
+    import hashlib  # only the ipc transport needs these
+    import hmac
+    import socket
+
     _protect_stdout()
     path = os.environ.get("PYPOOL_IPC_PATH")
     if not path:
@@ -420,7 +483,7 @@ def _opt_str(msg, field):
 
 
 class _Call:
-    __slots__ = ("id", "handler", "ctx", "task", "on_loop")
+    __slots__ = ("id", "handler", "ctx", "task", "on_loop", "uses_loop")
 
     def __init__(self, call_id, handler_, ctx):
         self.id = call_id
@@ -430,6 +493,22 @@ class _Call:
         # True exactly while the call's task is suspended inside handler code on the loop,
         # i.e. while task.cancel() would interrupt the handler and nothing else.
         self.on_loop = False
+        # True once the call belongs to the loop (set before the loop is told about it), so a
+        # cancel must go there too; a sync call that never returns an awaitable stays False.
+        self.uses_loop = False
+
+
+def _new_loop():
+    import asyncio  # here, not at the top: only apps that need a loop pay for importing it
+
+    return asyncio.new_event_loop()
+
+
+def _run_loop(loop):
+    import asyncio
+
+    asyncio.set_event_loop(loop)
+    loop.run_forever()
 
 
 class Worker:
@@ -439,10 +518,12 @@ class Worker:
         self.max_in_flight = max_in_flight
         self.app_name = app_name
         self.worker_id = worker_id
-        self._calls = {}  # id -> _Call; touched only on the loop thread
-        self._sessions = {}  # session id -> dict; touched only on the loop thread
-        self._loop = None
-        self._executor = None
+        # id -> _Call. The reader adds a call; the thread that sends its final reply removes
+        # it. Single dict operations are atomic, and only the reader adds, so no lock.
+        self._calls = {}
+        self._sessions = {}  # session id -> dict; touched only by the reader (wire order)
+        self._sync_queue = SimpleQueue()  # (call, args) for the sync thread
+        self._loop = None  # the asyncio loop, once there is one
 
     # ---- handshake ---------------------------------------------------------------------
 
@@ -451,7 +532,7 @@ class Worker:
             "type": "hello",
             "protocol": protocol.PROTOCOL_VERSION,
             "runtime": "pypool_worker/%s" % __version__,
-            "python": platform.python_version(),
+            "python": _python_version(),
             "pid": os.getpid(),
             "worker_id": self.worker_id,
             "codecs": protocol.available_codecs(),
@@ -481,45 +562,66 @@ class Worker:
         log("ready: app %s, %d commands, codec %s, max_in_flight %d"
             % (self.app_name, len(self.handlers), codec, self.max_in_flight))
 
-    # ---- main loop ---------------------------------------------------------------------
+    # ---- threads -----------------------------------------------------------------------
 
     def serve_forever(self):
-        self._loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self._loop)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pypool-sync")
-        threading.Thread(target=self._read_forever, name="pypool-reader", daemon=True).start()
-        self._loop.run_forever()
+        if not all(h.on_loop for h in self.handlers.values()):
+            threading.Thread(target=self._sync_forever, name="pypool-sync", daemon=True).start()
+        if any(h.on_loop for h in self.handlers.values()):
+            # Async handlers run on the main thread, as they would under asyncio.run(); the
+            # reader gets a thread of its own.
+            self._loop = _new_loop()
+            threading.Thread(target=self._read_forever, name="pypool-reader", daemon=True).start()
+            _run_loop(self._loop)
+        else:
+            self._read_forever()
+
+    def _ensure_loop(self):
+        """The loop, started on a thread of its own if this sync-only app had none yet.
+
+        Only the sync thread calls this, so no lock; the reader looks at ``_loop`` only for
+        calls marked ``uses_loop``, which happens after ``_loop`` is set.
+        """
+        if self._loop is None:
+            loop = _new_loop()
+            threading.Thread(target=_run_loop, args=(loop,), name="pypool-loop",
+                             daemon=True).start()
+            self._loop = loop
+        return self._loop
 
     def _read_forever(self):
+        recv = self.channel.recv
+        dispatch = self._dispatch
         try:
             while True:
-                msg = self.channel.recv()
+                msg = recv()
                 if msg is None:
                     _exit(EXIT_OK, "channel closed, exiting")
-                self._loop.call_soon_threadsafe(self._dispatch, msg)
+                dispatch(msg)
         except ProtocolError as exc:
             _exit(EXIT_PROTOCOL, "protocol error: %s" % exc)
+        except KeyboardInterrupt:
+            raise  # SIGINT on the main thread: the interpreter's usual way out
         except BaseException as exc:  # a bug here would leave a worker that never answers
-            _exit(EXIT_PROTOCOL, "reader thread failed: %r" % (exc,))
+            _exit(EXIT_PROTOCOL, "reader failed: %r" % (exc,))
+
+    # ---- messages (reader thread) ------------------------------------------------------
 
     def _dispatch(self, msg):
         kind = msg["type"]
-        try:
-            if kind == "call":
-                self._on_call(msg)
-            elif kind == "cancel":
-                self._on_cancel(msg)
-            elif kind == "ping":
-                self.channel.send({"type": "pong", "id": _u64(msg, "id")})
-            elif kind == "session_end":
-                self._sessions.pop(_str(msg, "session"), None)
-            elif kind == "shutdown":
-                self._on_shutdown()
-            else:
-                # Not ours to answer; a newer pool may send types this runtime predates.
-                log("ignoring unexpected %r message" % kind)
-        except ProtocolError as exc:
-            _exit(EXIT_PROTOCOL, "protocol error: %s" % exc)
+        if kind == "call":
+            self._on_call(msg)
+        elif kind == "ping":
+            self.channel.send({"type": "pong", "id": _u64(msg, "id")})
+        elif kind == "cancel":
+            self._on_cancel(msg)
+        elif kind == "session_end":
+            self._sessions.pop(_str(msg, "session"), None)
+        elif kind == "shutdown":
+            self._on_shutdown()
+        else:
+            # Not ours to answer; a newer pool may send types this runtime predates.
+            log("ignoring unexpected %r message" % kind)
 
     def _on_call(self, msg):
         call_id = _u64(msg, "id")
@@ -542,88 +644,57 @@ class Worker:
         ctx = Context(call_id, session_id, session, deadline, command, _loop=self._loop)
         call = _Call(call_id, handler_, ctx)
         self._calls[call_id] = call
-        call.task = self._loop.create_task(self._run_call(call, msg.get("args")))
+        if handler_.on_loop:
+            call.uses_loop = True
+            self._loop.call_soon_threadsafe(self._start_on_loop, call, msg.get("args"), None)
+        else:
+            self._sync_queue.put((call, msg.get("args")))
 
     def _on_cancel(self, msg):
         call = self._calls.get(_u64(msg, "id"))
         if call is None:
             return  # already answered, or never ours: the protocol says ignore
-        call.ctx._set_cancelled()
-        if call.on_loop:
-            call.task.cancel()
+        # The flag first, uses_loop second: the sync thread sets uses_loop before the loop
+        # checks the flag, so a call moving to the loop right now is caught by one or the other.
+        call.ctx._cancelled = True
+        if call.uses_loop:
+            self._loop.call_soon_threadsafe(self._cancel_on_loop, call)
 
     def _on_shutdown(self):
         log("shutdown requested, exiting")
-        # Running sync handlers are dropped, not awaited: os._exit does not join threads.
+        # Running handlers are dropped, not awaited: os._exit does not join threads.
         self.channel.send({"type": "goodbye"})
         _exit(EXIT_OK)
 
-    # ---- running calls -----------------------------------------------------------------
+    # ---- sync calls (sync thread) ------------------------------------------------------
 
-    async def _run_call(self, call, args):
-        try:
-            if call.handler.on_loop:
-                await self._run_on_loop(call, args, None)
-            else:
-                pending = await self._loop.run_in_executor(
-                    self._executor, self._run_sync, call, args)
-                if pending is not None:
-                    await self._run_on_loop(call, None, pending)
-        except Exception as exc:  # a runtime bug must not leave the caller waiting forever
-            log("internal error in call %d: %r" % (call.id, exc))
-            self._send_error(call, exc)
-        finally:
-            self._calls.pop(call.id, None)
-
-    async def _run_on_loop(self, call, args, obj):
-        """Run an async handler (or finish the awaitable a sync one returned) on the loop."""
-        ctx = call.ctx
-        if ctx.cancelled:  # the cancel came before the handler started
-            if inspect.iscoroutine(obj):
-                obj.close()
-            self._send_cancelled(call)
-            return
-        agen = None
-        call.on_loop = True
-        try:
-            if obj is None:
-                pos, kw = call.handler.bind(args, ctx)
-                obj = call.handler.fn(*pos, **kw)
-            if inspect.isasyncgen(obj):
-                agen = obj
-                seq = 0
-                async for item in agen:
-                    if not self._send_chunk(call, seq, item):
-                        break
-                    seq += 1
-                else:
-                    call.on_loop = False
-                    self._send_end(call)
-            else:
-                value = await obj
-                call.on_loop = False
-                self._send_result(call, value)
-        except asyncio.CancelledError:
-            call.on_loop = False
-            if not ctx.cancelled:
-                raise  # not the pool's cancel: the loop itself is going away
-            self._send_cancelled(call)
-        except BaseException as exc:
-            call.on_loop = False
-            self._fail(call, exc)
-        finally:
-            call.on_loop = False
-            if agen is not None:
+    def _sync_forever(self):
+        get = self._sync_queue.get
+        while True:
+            call, args = get()
+            try:
+                pending = self._run_sync(call, args)
+            except Exception as exc:  # a runtime bug must not leave the caller waiting forever
+                log("internal error in call %d: %r" % (call.id, exc))
+                pending = None
                 try:
-                    await agen.aclose()
-                except BaseException as exc:
-                    log("closing the stream of call %d raised %r" % (call.id, exc))
+                    self._send_error(call, exc)
+                except Exception as send_exc:  # this thread must live on for the next calls
+                    log("cannot answer call %d: %r" % (call.id, send_exc))
+            if pending is None:
+                self._calls.pop(call.id, None)
+            else:
+                # A sync wrapper returned an awaitable: the loop finishes it (and answers).
+                loop = self._ensure_loop()
+                call.ctx._loop = loop
+                call.uses_loop = True
+                loop.call_soon_threadsafe(self._start_on_loop, call, None, pending)
 
     def _run_sync(self, call, args):
-        """Executor thread: run a sync handler and reply. Returns an awaitable for the loop to
-        finish if the handler returned one, else None (already answered)."""
+        """Run a sync handler and reply. Returns an awaitable for the loop to finish if the
+        handler returned one, else None (already answered)."""
         ctx = call.ctx
-        if ctx.cancelled:  # cancelled while queued behind another sync call
+        if ctx._cancelled:  # cancelled while queued behind another sync call
             self._send_cancelled(call)
             return None
         try:
@@ -635,7 +706,7 @@ class Worker:
         if isinstance(value, types.GeneratorType):
             self._stream_sync(call, value)
             return None
-        if inspect.isawaitable(value) or inspect.isasyncgen(value):
+        if isinstance(value, (Awaitable, types.AsyncGeneratorType)):
             return value
         self._send_result(call, value)
         return None
@@ -646,7 +717,7 @@ class Worker:
         try:
             while True:
                 # Checked between items, so a cancelled stream stops at its next yield.
-                if ctx.cancelled:
+                if ctx._cancelled:
                     self._send_cancelled(call)
                     return
                 try:
@@ -665,6 +736,73 @@ class Worker:
             except BaseException as exc:
                 log("closing the stream of call %d raised %r" % (call.id, exc))
 
+    # ---- calls on the loop (loop thread) -----------------------------------------------
+
+    def _start_on_loop(self, call, args, obj):
+        call.task = self._loop.create_task(self._run_async(call, args, obj))
+
+    def _cancel_on_loop(self, call):
+        call.ctx._wake_waiters()
+        if call.on_loop:
+            call.task.cancel()
+
+    async def _run_async(self, call, args, obj):
+        try:
+            await self._run_on_loop(call, args, obj)
+        except Exception as exc:  # a runtime bug must not leave the caller waiting forever
+            log("internal error in call %d: %r" % (call.id, exc))
+            self._send_error(call, exc)
+        finally:
+            self._calls.pop(call.id, None)
+
+    async def _run_on_loop(self, call, args, obj):
+        """Run an async handler, or finish the awaitable ``obj`` a sync one returned."""
+        import asyncio  # loaded: this is a coroutine running on it
+
+        ctx = call.ctx
+        if ctx._cancelled:  # the cancel came before the handler started
+            if isinstance(obj, types.CoroutineType):
+                obj.close()
+            self._send_cancelled(call)
+            return
+        agen = None
+        call.on_loop = True
+        try:
+            if obj is None:
+                pos, kw = call.handler.bind(args, ctx)
+                obj = call.handler.fn(*pos, **kw)
+            if isinstance(obj, types.AsyncGeneratorType):
+                agen = obj
+                seq = 0
+                async for item in agen:
+                    if not self._send_chunk(call, seq, item):
+                        break
+                    seq += 1
+                else:
+                    call.on_loop = False
+                    self._send_end(call)
+            else:
+                value = await obj
+                call.on_loop = False
+                self._send_result(call, value)
+        except asyncio.CancelledError:
+            call.on_loop = False
+            if not ctx._cancelled:
+                raise  # not the pool's cancel: the loop itself is going away
+            self._send_cancelled(call)
+        except BaseException as exc:
+            call.on_loop = False
+            self._fail(call, exc)
+        finally:
+            call.on_loop = False
+            if agen is not None:
+                try:
+                    await agen.aclose()
+                except BaseException as exc:
+                    log("closing the stream of call %d raised %r" % (call.id, exc))
+
+    # ---- replies (any thread) ----------------------------------------------------------
+
     def _fail(self, call, exc):
         """Answer a call whose handler raised."""
         if isinstance(exc, SystemExit):
@@ -676,12 +814,10 @@ class Worker:
                 log(str(code))
                 code = 1
             _exit(code, "handler %r called sys.exit(%r), exiting" % (call.handler.name, exc.code))
-        if isinstance(exc, Cancelled) and call.ctx.cancelled:
+        if isinstance(exc, Cancelled) and call.ctx._cancelled:
             self._send_cancelled(call)
         else:
             self._send_error(call, exc)
-
-    # ---- replies (any thread) ----------------------------------------------------------
 
     def _send_error(self, call, exc, message=None):
         self.channel.write(self._encode_error(call.id, error_info(exc, message)))
@@ -769,26 +905,81 @@ def _watch_parent(ppid):
 # Start-up
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        # Bad options become a STARTUP_ERROR for the pool instead of argparse's exit(2).
-        raise UsageError(message)
+_USAGE = "usage: python -m pypool_worker --app APP [--transport {stdio,ipc}] [--max-in-flight N]"
+_HELP = _USAGE + """
+
+Serve @handler functions of an app module to a pypool pool.
+
+options:
+  -h, --help            show this help message and exit
+  --app APP             module name (my.handlers) or path to a .py file defining handlers
+  --transport {stdio,ipc}
+                        stdio (default): frames on stdin/stdout; ipc: Unix socket at
+                        $PYPOOL_IPC_PATH, authenticated with $PYPOOL_SECRET
+  --max-in-flight N     concurrent calls accepted (default: the app's PYPOOL_MAX_IN_FLIGHT,
+                        else 1)
+  --version             show program's version number and exit
+"""
+_TRANSPORTS = ("stdio", "ipc")
 
 
-def _parser():
-    parser = _ArgumentParser(
-        prog="python -m pypool_worker", allow_abbrev=False,
-        description="Serve @handler functions of an app module to a pypool pool.")
-    parser.add_argument("--app", required=True,
-                        help="module name (my.handlers) or path to a .py file defining handlers")
-    parser.add_argument("--transport", choices=["stdio", "ipc"], default="stdio",
-                        help="stdio (default): frames on stdin/stdout; ipc: Unix socket at "
-                             "$PYPOOL_IPC_PATH, authenticated with $PYPOOL_SECRET")
-    parser.add_argument("--max-in-flight", type=int, default=None, metavar="N",
-                        help="concurrent calls accepted (default: the app's "
-                             "PYPOOL_MAX_IN_FLIGHT, else 1)")
-    parser.add_argument("--version", action="version", version="pypool_worker " + __version__)
-    return parser
+class _Options:
+    __slots__ = ("app", "transport", "max_in_flight")
+
+    def __init__(self):
+        self.app = None
+        self.transport = "stdio"
+        self.max_in_flight = None
+
+
+def _parse_args(argv):
+    """Parse the command line; bad options raise UsageError (a STARTUP_ERROR for the pool).
+
+    Hand-written rather than argparse, which would add a few ms to every worker's start for
+    three options; it accepts what argparse did: ``--opt value`` and ``--opt=value``.
+    """
+    opts = _Options()
+    args = iter(argv)
+    for arg in args:
+        if arg in ("-h", "--help"):
+            sys.stdout.write(_HELP)
+            sys.exit(0)
+        if arg == "--version":
+            sys.stdout.write("pypool_worker %s\n" % __version__)
+            sys.exit(0)
+        name, has_value, value = arg.partition("=")
+        if name not in ("--app", "--transport", "--max-in-flight"):
+            raise UsageError("unrecognized arguments: %s" % arg)
+        if not has_value:
+            value = next(args, None)
+            if value is None:
+                raise UsageError("argument %s: expected one argument" % name)
+        if name == "--app":
+            opts.app = value
+        elif name == "--transport":
+            if value not in _TRANSPORTS:
+                raise UsageError("argument --transport: invalid choice: %r (choose from %s)"
+                                 % (value, ", ".join(repr(t) for t in _TRANSPORTS)))
+            opts.transport = value
+        else:
+            try:
+                opts.max_in_flight = int(value)
+            except ValueError:
+                raise UsageError("argument --max-in-flight: invalid int value: %r"
+                                 % value) from None
+    if opts.app is None:
+        raise UsageError("the following arguments are required: --app")
+    return opts
+
+
+def _python_version():
+    """The interpreter's version for HELLO, as platform.python_version() gives it (e.g.
+    3.12.1 or 3.13.0rc2), without importing platform."""
+    major, minor, micro, level, serial = sys.version_info[:5]
+    version = "%d.%d.%d" % (major, minor, micro)
+    if level != "final":
+        version += "%s%d" % ({"alpha": "a", "beta": "b", "candidate": "rc"}.get(level, ""), serial)
+    return version
 
 
 def _transport_from_argv(argv):
@@ -812,6 +1003,8 @@ def load_app(target):
         if directory not in sys.path:
             sys.path.insert(0, directory)
         name = os.path.splitext(os.path.basename(path))[0]
+        import importlib.util
+
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # so pickling and self-imports find the same module
@@ -821,6 +1014,8 @@ def load_app(target):
             sys.modules.pop(name, None)
             raise
         return module
+    import importlib
+
     return importlib.import_module(target)
 
 
@@ -860,7 +1055,7 @@ def main(argv=None):
 
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        opts = _parser().parse_args(argv)
+        opts = _parse_args(argv)
     except UsageError as exc:
         transport = _transport_from_argv(argv)
         channel = None

@@ -192,6 +192,73 @@ class FramingTest(unittest.TestCase):
             with self.assertRaises(ProtocolError):
                 protocol.read_frame(readinto)
 
+    def test_frame_reader_cuts_many_frames_out_of_one_read(self):
+        frames = [b"".join(bytes(p) for p in protocol.encode_frame(
+            {"type": "ping", "id": i, "pad": "x" * (i * 37 % 300)})) for i in range(200)]
+        data = b"".join(frames)
+        calls = []
+
+        def readinto(buf):  # hands out everything it has, like a pipe with queued frames
+            n = min(len(buf), len(data) - state["pos"])
+            buf[:n] = data[state["pos"]:state["pos"] + n]
+            state["pos"] += n
+            calls.append(n)
+            return n
+
+        state = {"pos": 0}
+        reader = protocol.FrameReader(readinto, buffer_size=1000)
+        for i in range(200):
+            self.assertEqual(protocol.decode_body(reader.read())["id"], i)
+        self.assertIsNone(reader.read())
+        self.assertLess(len(calls), 200)  # fewer reads than frames
+
+    def test_frame_reader_across_short_reads_and_large_frames(self):
+        sizes = [0, 5, 2000, 1, 70000, 3, 999, 1000, 1001]
+        frames = [b"".join(bytes(p) for p in protocol.encode_frame(
+            {"type": "chunk", "id": i, "seq": 0, "value": b"\xab" * n}))
+            for i, n in enumerate(sizes)]
+        readinto, _ = reader_over(b"".join(frames))  # at most 7 bytes per read
+        reader = protocol.FrameReader(readinto, buffer_size=1024)
+        for i, n in enumerate(sizes):
+            msg = protocol.decode_body(reader.read())
+            self.assertEqual((msg["id"], msg["value"]), (i, b"\xab" * n))
+        self.assertIsNone(reader.read())
+
+    def test_frame_reader_rejects_oversize_before_allocating(self):
+        readinto, state = reader_over(struct.pack(">I", 1 << 31) + b"J")
+        reader = protocol.FrameReader(readinto, max_frame=1 << 20, buffer_size=64)
+        with self.assertRaisesRegex(ProtocolError, "exceeds max_frame"):
+            reader.read()
+        self.assertEqual(state["pos"], 5)  # read what the pipe offered, allocated nothing more
+
+    def test_frame_reader_errors(self):
+        for data in (b"\x00\x00\x00\x00", b"\x00\x00", b"\x00\x00\x00\x10J\x00"):
+            with self.subTest(data=data):
+                readinto, _ = reader_over(data)
+                with self.assertRaises(ProtocolError):
+                    protocol.FrameReader(readinto).read()
+        readinto, _ = reader_over(b"\x00\x00\x90\x00J\x00")  # large frame cut short
+        with self.assertRaises(ProtocolError):
+            protocol.FrameReader(readinto, buffer_size=64).read()
+
+    def test_write_all_finishes_a_first_partial_writev(self):
+        out = bytearray()
+        limits = [3, 100, 100, 100]
+
+        def writev(bufs):
+            budget = limits.pop(0)
+            n = 0
+            for b in bufs:
+                take = min(len(b), budget - n)
+                out.extend(bytes(b[:take]))
+                n += take
+                if n == budget:
+                    break
+            return n
+
+        protocol.write_all(writev, [b"ab", b"", b"cdef", bytearray(b"g")])
+        self.assertEqual(bytes(out), b"abcdefg")
+
     def test_write_all_survives_partial_writes(self):
         out = bytearray()
         calls = []

@@ -266,6 +266,67 @@ class ConcurrencyAndCancelTest(unittest.TestCase):
         self.assertEqual(error["type"], "pypool_worker.Cancelled")
 
 
+class SyncOnlyAppTest(unittest.TestCase):
+    """An app without async handlers: no asyncio, and the reader is the main thread."""
+
+    def setUp(self):
+        self.w = WorkerProcess(self, app=os.path.join(wire.APPS_DIR, "sync_only_app.py"))
+        self.w.handshake()
+
+    def test_heavy_modules_are_not_imported(self):
+        self.assertEqual(self.w.ok(1, "loaded_lazy_modules"), [])
+        self.assertEqual(self.w.ok(2, "echo", [b"\x00"]), b"\x00")
+        # an error needs traceback, but still no event loop
+        self.assertEqual(self.w.result(3, "fail")["error"]["type"], "KeyError")
+        self.assertEqual(self.w.ok(4, "loaded_lazy_modules"), ["traceback"])
+
+    def test_error_text_that_is_not_utf8_is_escaped(self):
+        error = self.w.result(1, "surrogate_error")["error"]
+        self.assertEqual((error["type"], error["message"]), ("ValueError", "bad \\udcff name"))
+        self.assertEqual(self.w.ok(2, "echo", [1]), 1)
+
+    def test_sync_handlers_always_run_on_the_same_thread(self):
+        for i in range(3):
+            self.w.call(i, "thread_id")  # queued back to back
+        ids = {self.w.recv()["ok"] for _ in range(3)}
+        ids.add(self.w.ok(3, "thread_id"))
+        self.assertEqual(len(ids), 1)
+
+    def test_ping_and_cancel_while_a_sync_handler_runs(self):
+        self.w.call(1, "spin")
+        self.w.send({"type": "ping", "id": 2})
+        self.assertEqual(self.w.recv(), {"type": "pong", "id": 2})
+        self.w.call(3, "echo", ["queued"])
+        self.w.send({"type": "cancel", "id": 1})
+        self.assertEqual(self.w.recv(), {"type": "cancelled", "id": 1})
+        self.assertEqual(self.w.recv(), {"type": "result", "id": 3, "ok": "queued"})
+
+    def test_returned_coroutine_starts_a_loop_on_demand(self):
+        self.assertEqual(self.w.ok(1, "returns_coroutine", [21]), 42)
+        self.assertEqual(self.w.ok(2, "returns_coroutine", [2]), 4)
+        self.assertIn("asyncio", self.w.ok(3, "loaded_lazy_modules"))
+        self.assertEqual(self.w.ok(4, "echo", ["still sync"]), "still sync")
+
+    def test_shutdown_and_eof_while_a_sync_handler_runs(self):
+        self.w.call(1, "spin")
+        self.w.send({"type": "shutdown"})
+        self.assertEqual(self.w.recv(), {"type": "goodbye"})
+        self.assertEqual(self.w.wait(), 0)
+        w = WorkerProcess(self, app=os.path.join(wire.APPS_DIR, "sync_only_app.py"))
+        w.handshake()
+        w.call(1, "spin")
+        w.close_stdin()
+        self.assertIs(w.recv(), EOF)
+        self.assertEqual(w.wait(), 0)
+
+    def test_sigterm_exits_0(self):
+        self.w.call(1, "spin")
+        self.w.send({"type": "ping", "id": 2})  # the handler is running once this is answered
+        self.assertEqual(self.w.recv(), {"type": "pong", "id": 2})
+        self.w.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(self.w.wait(), 0)
+
+
 class LifecycleTest(unittest.TestCase):
     def test_shutdown_answers_goodbye_and_exits_0(self):
         w = WorkerProcess(self)

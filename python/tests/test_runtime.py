@@ -1,0 +1,114 @@
+"""Runtime pieces that need no worker process: handler introspection and option parsing."""
+
+import contextlib
+import functools
+import inspect
+import io
+import sys
+import unittest
+
+import wire  # noqa: F401  (puts the package on sys.path)
+from pypool_worker import runtime
+
+
+def _via_inspect(fn):
+    """What runtime._describe answered before its fast path: inspect's view of ``fn``."""
+    on_loop = inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    positional = 0
+    for p in params:
+        if p.name == "ctx" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            return on_loop, True, positional if p.kind == p.POSITIONAL_OR_KEYWORD else None
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            positional += 1
+    return on_loop, False, None
+
+
+# Python 3.8 compatible source for the positional-only cases.
+_POSONLY = {}
+exec("def posonly_ctx(ctx, /, x): pass\n"
+     "def posonly_then_ctx(a, /, b, ctx): pass\n", _POSONLY)
+
+
+def plain(x, y): pass
+def ctx_first(ctx, x): pass
+def ctx_middle(a, ctx, b=1): pass
+def ctx_kwonly(a, *, ctx): pass
+def ctx_after_varargs(a, *rest, ctx=None): pass
+def varkw(a, **ctx): pass
+def local_named_ctx(a):
+    ctx = a
+    return ctx
+async def coro(ctx): pass
+async def agen(x):
+    yield x
+def gen(ctx):
+    yield 1
+
+
+class Callable:
+    def __call__(self, a, ctx): pass
+
+    def method(self, ctx): pass
+
+    async def amethod(self): pass
+
+
+@functools.wraps(coro)
+def wrapped(*args, **kwargs):
+    return coro(*args, **kwargs)
+
+
+class DescribeTest(unittest.TestCase):
+    def test_fast_path_agrees_with_inspect(self):
+        fns = [plain, ctx_first, ctx_middle, ctx_kwonly, ctx_after_varargs, varkw,
+               local_named_ctx, coro, agen, gen, lambda ctx: None, lambda a, b=2: None,
+               _POSONLY["posonly_ctx"], _POSONLY["posonly_then_ctx"],
+               # the slow path: not plain functions, or with attributes
+               Callable(), Callable().method, Callable().amethod, wrapped,
+               functools.partial(ctx_middle, 1), len, print]
+        for fn in fns:
+            with self.subTest(fn=fn):
+                self.assertEqual(runtime._describe(fn), _via_inspect(fn))
+
+    def test_coroutine_marked_function_is_async(self):
+        mark = getattr(inspect, "markcoroutinefunction", None)  # Python 3.12+
+        if mark is None:
+            self.skipTest("inspect.markcoroutinefunction needs Python 3.12")
+
+        def marked(x): pass
+        self.assertTrue(runtime._describe(mark(marked))[0])
+
+
+class ParseArgsTest(unittest.TestCase):
+    def test_forms(self):
+        opts = runtime._parse_args(["--app", "a.py", "--transport=ipc", "--max-in-flight", "3"])
+        self.assertEqual((opts.app, opts.transport, opts.max_in_flight), ("a.py", "ipc", 3))
+        opts = runtime._parse_args(["--app=m.handlers"])
+        self.assertEqual((opts.app, opts.transport, opts.max_in_flight),
+                         ("m.handlers", "stdio", None))
+
+    def test_errors(self):
+        for argv in ([], ["--app"], ["--app", "a", "extra"], ["--bogus"], ["--ap", "a"],
+                     ["--app", "a", "--transport", "zmq"], ["--app", "a", "--max-in-flight", "x"]):
+            with self.subTest(argv=argv), self.assertRaises(runtime.UsageError):
+                runtime._parse_args(argv)
+
+    def test_help_and_version_exit_0(self):
+        for flag, text in (("--help", "--max-in-flight N"), ("--version", "pypool_worker 0.1.0")):
+            out = io.StringIO()
+            with self.subTest(flag=flag), contextlib.redirect_stdout(out):
+                with self.assertRaises(SystemExit) as cm:
+                    runtime._parse_args([flag])
+                self.assertEqual(cm.exception.code, 0)
+            self.assertIn(text, out.getvalue())
+
+    def test_python_version(self):
+        self.assertTrue(runtime._python_version().startswith("%d.%d.%d" % sys.version_info[:3]))
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -8,7 +8,6 @@
 //! Run: `cargo run --release -p transport-ipc --example ipc_bench [ROUND_TRIPS]`.
 //! Prints Markdown tables for BENCHMARKS.md.
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,6 +48,8 @@ while True:
     sock.sendall(body)
 "#;
 
+const BENCH_APP: &str = "from pypool_worker import handler\n\n@handler\ndef echo(value):\n    return value\n";
+
 const BIG: usize = 64 * 1024 * 1024;
 
 fn histogram() -> Histogram<u64> {
@@ -71,8 +72,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or(5000);
-    let app =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../pool-testkit/apps/conformance_app.py");
+    // A typical app: sync handlers only (an app with async handlers also loads asyncio).
+    let app_dir = tempfile::tempdir()?;
+    let app = app_dir.path().join("bench_app.py");
+    std::fs::write(&app, BENCH_APP)?;
     let stdio = transport_stdio::StdioLauncher::new();
     let python = stdio
         .interpreter(&pool_core::WorkerSpec::new(

@@ -7,7 +7,6 @@
 //! Run: `cargo run --release -p transport-stdio --example stdio_bench [ROUND_TRIPS]`.
 //! Prints a Markdown table for BENCHMARKS.md.
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,6 +31,8 @@ while True:
     out.flush()
 "#;
 
+const BENCH_APP: &str = "from pypool_worker import handler\n\n@handler\ndef echo(value):\n    return value\n";
+
 const PING_SCRIPT: &str = "import sys\nsys.stdin.readline()\nprint('pong', flush=True)\n";
 
 fn histogram() -> Histogram<u64> {
@@ -54,8 +55,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or(5000);
-    let app =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../pool-testkit/apps/conformance_app.py");
+    // A typical app: sync handlers only (an app with async handlers also loads asyncio).
+    let app_dir = tempfile::tempdir()?;
+    let app = app_dir.path().join("bench_app.py");
+    std::fs::write(&app, BENCH_APP)?;
     let app = app.to_string_lossy().into_owned();
     let launcher = Arc::new(StdioLauncher::new());
     let python = launcher

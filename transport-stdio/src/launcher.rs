@@ -67,6 +67,8 @@ type ProbeKey = (PathBuf, Option<PathBuf>, BTreeMap<String, String>);
 pub struct StdioLauncher {
     interpreters: Mutex<HashMap<ProbeKey, Arc<OnceCell<Interpreter>>>>,
     runtime_dir: OnceCell<PathBuf>,
+    /// Interpreters that have byte-compiled the materialised runtime (see [`Self::precompile`]).
+    precompiled: tokio::sync::Mutex<std::collections::HashSet<PathBuf>>,
     stderr_drain: Duration,
 }
 
@@ -91,6 +93,7 @@ impl StdioLauncher {
         StdioLauncher {
             interpreters: Mutex::new(HashMap::new()),
             runtime_dir: OnceCell::new(),
+            precompiled: tokio::sync::Mutex::new(std::collections::HashSet::new()),
             stderr_drain: DEFAULT_STDERR_DRAIN,
         }
     }
@@ -134,6 +137,31 @@ impl StdioLauncher {
         } else {
             materialize().await
         }
+    }
+
+    /// Byte-compiles the materialised runtime once per interpreter, so that workers do not each
+    /// compile it from source at start-up (they would, where `PYTHONDONTWRITEBYTECODE` is set or
+    /// the cache directory is read-only to them): several milliseconds per worker. Failure only
+    /// costs that time, so it is logged and ignored.
+    async fn precompile(&self, interpreter: &Interpreter, dir: &std::path::Path) {
+        let mut done = self.precompiled.lock().await;
+        if done.contains(&interpreter.executable) {
+            return;
+        }
+        let status = Command::new(&interpreter.executable)
+            .args(["-m", "compileall", "-q"])
+            .arg(dir.join(runtime::PACKAGE))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .status()
+            .await;
+        match status {
+            Ok(status) if status.success() => {}
+            other => tracing::debug!(?other, "could not byte-compile the pypool_worker runtime"),
+        }
+        done.insert(interpreter.executable.clone());
     }
 
     fn command(
@@ -293,7 +321,9 @@ impl StdioLauncher {
         let runtime_dir = if interpreter.has_matching_runtime() {
             None
         } else {
-            Some(self.runtime_dir().await?)
+            let dir = self.runtime_dir().await?;
+            self.precompile(&interpreter, &dir).await;
+            Some(dir)
         };
         let command = self.command(spec, options, &interpreter, runtime_dir)?;
         let mut child = spawner::spawn(command).await.map_err(|err| {

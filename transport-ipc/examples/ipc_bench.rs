@@ -48,7 +48,8 @@ while True:
     sock.sendall(body)
 "#;
 
-const BENCH_APP: &str = "from pypool_worker import handler\n\n@handler\ndef echo(value):\n    return value\n";
+const BENCH_APP: &str =
+    "from pypool_worker import handler\n\n@handler\ndef echo(value):\n    return value\n";
 
 const BIG: usize = 64 * 1024 * 1024;
 

@@ -31,7 +31,8 @@ while True:
     out.flush()
 "#;
 
-const BENCH_APP: &str = "from pypool_worker import handler\n\n@handler\ndef echo(value):\n    return value\n";
+const BENCH_APP: &str =
+    "from pypool_worker import handler\n\n@handler\ndef echo(value):\n    return value\n";
 
 const PING_SCRIPT: &str = "import sys\nsys.stdin.readline()\nprint('pong', flush=True)\n";
 

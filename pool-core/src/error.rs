@@ -1,20 +1,24 @@
 //! The one error type of the pool, with the context a caller needs to act on it.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::launcher::{write_stderr_tail, ExitInfo};
 use crate::protocol::RemoteError;
 
 /// Where a failed call came from: the pool, the command and the session (if any).
+///
+/// Shared strings keep [`Error`] small (a `Result<T, Error>` stays cheap to move) and make the
+/// context cheap to build for every call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallContext {
     /// The pool's name.
-    pub pool: String,
+    pub pool: Arc<str>,
     /// The command that was called.
-    pub command: String,
+    pub command: Arc<str>,
     /// The session the call belonged to.
-    pub session: Option<String>,
+    pub session: Option<Arc<str>>,
 }
 
 impl fmt::Display for CallContext {
@@ -191,3 +195,18 @@ impl Error {
 
 /// Shorthand for results with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_with_this_error_stay_small() {
+        // clippy's result_large_err fires at 128 bytes in users' code returning our Result.
+        assert!(
+            std::mem::size_of::<Error>() < 128,
+            "{}",
+            std::mem::size_of::<Error>()
+        );
+    }
+}

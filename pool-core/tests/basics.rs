@@ -72,7 +72,7 @@ async fn handler_error_is_structured_and_the_worker_lives_on() {
                 .as_deref()
                 .unwrap_or("")
                 .contains("Traceback"));
-            assert_eq!(context.command, "fail");
+            assert_eq!(&*context.command, "fail");
             assert_eq!(worker, "w1");
         }
         other => panic!("expected a handler error, got {other:?}"),

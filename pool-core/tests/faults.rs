@@ -80,7 +80,7 @@ async fn a_crash_mid_call_is_a_typed_error_with_exit_code_and_stderr() {
                 "{:?}",
                 exit.stderr_tail
             );
-            assert_eq!(context.command, "exit");
+            assert_eq!(&*context.command, "exit");
         }
         other => panic!("expected a crash, got {other:?}"),
     }

@@ -95,9 +95,9 @@ async fn checkout_timeout_names_pool_session_command_and_wait() {
             waited,
             worker: None,
         } => {
-            assert_eq!(context.pool, "models");
+            assert_eq!(&*context.pool, "models");
             assert_eq!(context.session.as_deref(), Some("user-7"));
-            assert_eq!(context.command, "predict");
+            assert_eq!(&*context.command, "predict");
             assert_eq!(*waited, 5 * SEC);
         }
         other => panic!("expected a checkout timeout, got {other:?}"),

@@ -74,6 +74,8 @@ pub(crate) enum Outcome<'a> {
 /// The state shared by a pool's handles and its background tasks.
 pub(crate) struct Shared {
     pub(crate) config: PoolConfig,
+    /// `config.name`, shared by every call's error context.
+    pub(crate) name: Arc<str>,
     pub(crate) launcher: Arc<dyn Launcher>,
     pub(crate) state: Mutex<State>,
     pub(crate) metrics: Metrics,
@@ -153,6 +155,7 @@ impl Pool {
             changed: Notify::new(),
             stopping: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            name: Arc::from(config.name.as_str()),
             config,
             launcher,
         });
@@ -459,9 +462,9 @@ fn limit(
 impl Shared {
     fn context(&self, session: Option<&Session>, command: &str) -> CallContext {
         CallContext {
-            pool: self.config.name.clone(),
-            command: command.to_owned(),
-            session: session.map(|s| s.id().to_owned()),
+            pool: self.name.clone(),
+            command: Arc::from(command),
+            session: session.map(|s| s.key().clone()),
         }
     }
 

@@ -78,10 +78,7 @@ async fn handler_error_is_structured_and_the_worker_lives_on() {
         other => panic!("expected a handler error, got {other:?}"),
     }
     assert_eq!(
-        pool.call("add", json!({"a": 1, "b": 2}))
-            .await
-            .unwrap()
-            .value,
+        value(pool.call("add", json!({"a": 1, "b": 2}))).await,
         json!(3)
     );
     assert_eq!(launcher.launched(), 1);

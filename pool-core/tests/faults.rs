@@ -91,13 +91,7 @@ async fn a_crash_mid_call_is_a_typed_error_with_exit_code_and_stderr() {
     .await;
     assert_eq!(pool.stats().counters.crashes, 1);
     assert_eq!(launcher.launched(), 3);
-    assert_eq!(
-        pool.call("add", json!({"a": 1, "b": 1}))
-            .await
-            .unwrap()
-            .value,
-        json!(2)
-    );
+    assert_serving(&pool).await;
     finish(pool, &launcher).await;
 }
 
@@ -114,13 +108,7 @@ async fn a_garbage_frame_drops_the_worker_and_fails_its_call() {
         }
         other => panic!("expected a crash, got {other:?}"),
     }
-    assert_eq!(
-        pool.call("add", json!({"a": 1, "b": 1}))
-            .await
-            .unwrap()
-            .value,
-        json!(2)
-    );
+    assert_serving(&pool).await;
     finish(pool, &launcher).await;
 }
 
@@ -186,7 +174,7 @@ async fn breaker_opens_fails_fast_half_opens_and_closes() {
     .await;
     assert_eq!(launcher.launched(), 6);
     assert_eq!(
-        pool.call("echo", json!({"value": 2})).await.unwrap().value,
+        value(pool.call("echo", json!({"value": 2}))).await,
         json!(2)
     );
     assert_eq!(pool.stats().counters.circuit_rejections, 1);

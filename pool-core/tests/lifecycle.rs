@@ -47,7 +47,7 @@ async fn workers_are_recycled_after_max_calls() {
     let pool = start(config(1).max_calls(3).max_calls_jitter(0), &launcher).await;
     for i in 0..7 {
         assert_eq!(
-            pool.call("echo", json!({"value": i})).await.unwrap().value,
+            value(pool.call("echo", json!({"value": i}))).await,
             json!(i)
         );
     }
@@ -87,7 +87,7 @@ async fn workers_are_recycled_after_max_age() {
     .await;
     assert_eq!(pool.stats().counters.recycled, 1);
     assert_eq!(
-        pool.call("echo", json!({"value": 2})).await.unwrap().value,
+        value(pool.call("echo", json!({"value": 2}))).await,
         json!(2)
     );
     finish(pool, &launcher).await;

@@ -135,13 +135,7 @@ async fn a_deadline_tighter_than_the_timeouts_is_reported_as_the_deadline() {
         "{err}"
     );
     // The cancelled worker confirmed and serves the next call.
-    assert_eq!(
-        pool.call("add", json!({"a": 1, "b": 1}))
-            .await
-            .unwrap()
-            .value,
-        json!(2)
-    );
+    assert_serving(&pool).await;
     assert_eq!(launcher.launched(), 1);
     finish(pool, &launcher).await;
 }
@@ -179,10 +173,7 @@ async fn a_caller_dropped_mid_call_cancels_and_frees_the_worker() {
     assert_eq!((counters.cancels_sent, counters.killed), (1, 0));
     let started = Instant::now();
     assert_eq!(
-        pool.call("add", json!({"a": 2, "b": 3}))
-            .await
-            .unwrap()
-            .value,
+        value(pool.call("add", json!({"a": 2, "b": 3}))).await,
         json!(5)
     );
     assert_eq!(started.elapsed(), ms(0));

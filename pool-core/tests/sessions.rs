@@ -40,11 +40,7 @@ async fn strict_affinity_keeps_state_on_one_worker_and_end_drops_it() {
     for _ in 0..10 {
         // Other traffic moves around; the session's calls stay with its state.
         pool.call("echo", json!(1)).await.unwrap();
-        let value = session
-            .call("recall", json!({"key": "item"}))
-            .await
-            .unwrap()
-            .value;
+        let value = value(session.call("recall", json!({"key": "item"}))).await;
         assert_eq!(value, json!("book"));
     }
     session.end().await;
@@ -62,11 +58,7 @@ async fn strict_affinity_keeps_state_on_one_worker_and_end_drops_it() {
     // A new handle with the same id starts afresh.
     let fresh = pool.session_with("cart-1", Affinity::Strict);
     assert_eq!(
-        fresh
-            .call("recall", json!({"key": "item"}))
-            .await
-            .unwrap()
-            .value,
+        value(fresh.call("recall", json!({"key": "item"}))).await,
         json!(null)
     );
     finish(pool, &launcher).await;
@@ -133,9 +125,9 @@ async fn prefer_affinity_uses_the_last_worker_when_free_and_another_when_not() {
         .build();
     let pool = start(config(3), &launcher).await;
     let session = pool.session_with("p", Affinity::Prefer);
-    let first = session.call("pid", json!(null)).await.unwrap().value;
+    let first = value(session.call("pid", json!(null))).await;
     for _ in 0..5 {
-        assert_eq!(session.call("pid", json!(null)).await.unwrap().value, first);
+        assert_eq!(value(session.call("pid", json!(null))).await, first);
     }
     // Occupy the preferred worker through the session itself; the next call goes elsewhere.
     let busy = tokio::spawn({
@@ -143,7 +135,7 @@ async fn prefer_affinity_uses_the_last_worker_when_free_and_another_when_not() {
         async move { session.call("work", json!(null)).await }
     });
     until("busy", || pool.stats().gauges.calls_in_flight == 1).await;
-    let other = session.call("pid", json!(null)).await.unwrap().value;
+    let other = value(session.call("pid", json!(null))).await;
     assert_ne!(other, first);
     busy.await.unwrap().unwrap();
     finish(pool, &launcher).await;
@@ -166,11 +158,7 @@ async fn idle_sessions_expire_after_their_ttl_and_workers_are_told() {
     .await;
     // Calling it again starts afresh: the state is gone.
     assert_eq!(
-        session
-            .call("recall", json!({"key": "k"}))
-            .await
-            .unwrap()
-            .value,
+        value(session.call("recall", json!({"key": "k"}))).await,
         json!(null)
     );
     finish(pool, &launcher).await;

@@ -70,3 +70,19 @@ pub fn spawn_call(
     let pool = pool.clone();
     tokio::spawn(async move { pool.call(command, args).await })
 }
+
+/// The value of a call that must succeed.
+pub async fn value(
+    call: impl std::future::Future<Output = pool_core::Result<pool_core::Payload>>,
+) -> serde_json::Value {
+    match call.await {
+        Ok(payload) => payload.value,
+        Err(err) => panic!("call failed: {err}"),
+    }
+}
+
+/// Proves the pool still serves: a fresh call succeeds with the right answer.
+pub async fn assert_serving(pool: &Pool) {
+    let sum = value(pool.call("add", serde_json::json!({"a": 1, "b": 1}))).await;
+    assert_eq!(sum, serde_json::json!(2), "the pool no longer serves calls");
+}

@@ -7,9 +7,12 @@
 //! * [`conformance`] is the transport conformance suite: every transport crate runs it against
 //!   its own launcher with real Python workers.
 //!
+//! * [`bench`] holds what the transport benches share.
+//!
 //! Fakes are for pool logic. Transports are tested with real processes.
 #![warn(missing_docs)]
 
+pub mod bench;
 mod channel;
 pub mod conformance;
 mod fake;

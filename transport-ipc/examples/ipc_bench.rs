@@ -13,9 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use hdrhistogram::Histogram;
-use pool_core::protocol::{encode, Codec, Message};
 use pool_core::{Payload, Pool, PoolConfig};
+use pool_testkit::bench;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
@@ -48,24 +47,7 @@ while True:
     sock.sendall(body)
 "#;
 
-const BENCH_APP: &str =
-    "from pypool_worker import handler\n\n@handler\ndef echo(value):\n    return value\n";
-
 const BIG: usize = 64 * 1024 * 1024;
-
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant bounds")
-}
-
-fn row(name: &str, h: &Histogram<u64>, base: &Histogram<u64>) -> String {
-    format!(
-        "| {name} | {:.1} | {} | {} | {:.2} |",
-        h.mean(),
-        h.value_at_quantile(0.5),
-        h.value_at_quantile(0.99),
-        h.mean() / base.mean()
-    )
-}
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -73,35 +55,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or(5000);
-    // A typical app: sync handlers only (an app with async handlers also loads asyncio).
     let app_dir = tempfile::tempdir()?;
-    let app = app_dir.path().join("bench_app.py");
-    std::fs::write(&app, BENCH_APP)?;
+    let app = bench::write_bench_app(app_dir.path())?;
     let stdio = transport_stdio::StdioLauncher::new();
     let python = stdio
-        .interpreter(&pool_core::WorkerSpec::new(
-            "bench",
-            "probe",
-            app.to_string_lossy(),
-        ))
+        .interpreter(&pool_core::WorkerSpec::new("bench", "probe", app.clone()))
         .await?
         .executable;
 
     // Pool side: one ipc worker.
-    let config = PoolConfig::new(app.to_string_lossy())
+    let config = PoolConfig::new(app.clone())
         .size(1)
         .call_timeout(Duration::from_secs(120));
     let pool = Pool::start(config, Arc::new(IpcLauncher::new())).await?;
-    let args = json!({"value": 1});
-    for _ in 0..200 {
-        pool.call("echo", args.clone()).await?;
-    }
-    let mut pooled = histogram();
-    for _ in 0..round_trips {
-        let t = Instant::now();
-        pool.call("echo", args.clone()).await?;
-        pooled.saturating_record(t.elapsed().as_micros() as u64);
-    }
+    let pooled = bench::time_pool_calls(&pool, round_trips).await?;
     let data = Bytes::from((0..BIG).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
     let mut pool_big = Vec::new();
     for _ in 0..5 {
@@ -126,28 +93,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .kill_on_drop(true)
         .spawn()?;
     let (mut sock, _) = listener.accept().await?;
-    let call = Message::Call {
-        id: 1_000_000,
-        command: "echo".into(),
-        args: args.clone(),
-        session: None,
-        timeout_ms: Some(60_000),
+    let frame = bench::call_sized_frame();
+    let raw = {
+        let (mut reader, mut writer) = sock.split();
+        bench::time_raw_echo(&mut writer, &mut reader, &frame, round_trips).await?
     };
-    let body = encode(&call, Codec::Json, &[])?;
-    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
-    frame.extend_from_slice(&body);
-    let mut back = vec![0u8; frame.len()];
-    for _ in 0..200 {
-        sock.write_all(&frame).await?;
-        sock.read_exact(&mut back).await?;
-    }
-    let mut raw = histogram();
-    for _ in 0..round_trips {
-        let t = Instant::now();
-        sock.write_all(&frame).await?;
-        sock.read_exact(&mut back).await?;
-        raw.saturating_record(t.elapsed().as_micros() as u64);
-    }
     let mut big_frame = (BIG as u32).to_be_bytes().to_vec();
     big_frame.extend_from_slice(&data);
     let mut big_back = vec![0u8; big_frame.len()];
@@ -176,8 +126,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!();
     println!("| round trip (µs) | mean | p50 | p99 | mean / raw |");
     println!("|---|---|---|---|---|");
-    println!("{}", row("raw Unix-socket ping-pong (floor)", &raw, &raw));
-    println!("{}", row("pypool no-op call (ipc)", &pooled, &raw));
+    println!(
+        "{}",
+        bench::latency_row("raw Unix-socket ping-pong (floor)", &raw, &raw)
+    );
+    println!(
+        "{}",
+        bench::latency_row("pypool no-op call (ipc)", &pooled, &raw)
+    );
     println!();
     println!("| 64 MiB echo, best of 5 | time | MiB/s (both ways) | raw / pypool throughput |");
     println!("|---|---|---|---|");

@@ -11,11 +11,9 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hdrhistogram::Histogram;
-use pool_core::protocol::{encode, Codec, Message};
 use pool_core::{Pool, PoolConfig, WorkerSpec};
-use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use pool_testkit::bench;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 use transport_stdio::StdioLauncher;
 
@@ -31,24 +29,7 @@ while True:
     out.flush()
 "#;
 
-const BENCH_APP: &str =
-    "from pypool_worker import handler\n\n@handler\ndef echo(value):\n    return value\n";
-
 const PING_SCRIPT: &str = "import sys\nsys.stdin.readline()\nprint('pong', flush=True)\n";
-
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant bounds")
-}
-
-fn row(name: &str, h: &Histogram<u64>, base: &Histogram<u64>) -> String {
-    format!(
-        "| {name} | {:.1} | {} | {} | {:.2} |",
-        h.mean(),
-        h.value_at_quantile(0.5),
-        h.value_at_quantile(0.99),
-        h.mean() / base.mean()
-    )
-}
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -56,11 +37,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or(5000);
-    // A typical app: sync handlers only (an app with async handlers also loads asyncio).
     let app_dir = tempfile::tempdir()?;
-    let app = app_dir.path().join("bench_app.py");
-    std::fs::write(&app, BENCH_APP)?;
-    let app = app.to_string_lossy().into_owned();
+    let app = bench::write_bench_app(app_dir.path())?;
     let launcher = Arc::new(StdioLauncher::new());
     let python = launcher
         .interpreter(&WorkerSpec::new("bench", "probe", app.clone()))
@@ -69,29 +47,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // 1a. Pool round trip.
     let pool = Pool::start(PoolConfig::new(app.clone()).size(1), launcher.clone()).await?;
-    let args = json!({"value": 1});
-    for _ in 0..200 {
-        pool.call("echo", args.clone()).await?;
-    }
-    let mut pooled = histogram();
-    for _ in 0..round_trips {
-        let t = Instant::now();
-        pool.call("echo", args.clone()).await?;
-        pooled.saturating_record(t.elapsed().as_micros() as u64);
-    }
+    let pooled = bench::time_pool_calls(&pool, round_trips).await?;
     pool.shutdown(Duration::from_secs(5)).await;
 
     // 1b. Raw pipe ping-pong with a frame as large as the pool's CALL frame.
-    let call = Message::Call {
-        id: 1_000_000,
-        command: "echo".into(),
-        args: args.clone(),
-        session: None,
-        timeout_ms: Some(60_000),
-    };
-    let body = encode(&call, Codec::Json, &[])?;
-    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
-    frame.extend_from_slice(&body);
+    let frame = bench::call_sized_frame();
     let mut child = Command::new(&python)
         .args(["-c", ECHO_SCRIPT])
         .stdin(Stdio::piped())
@@ -100,18 +60,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .spawn()?;
     let mut stdin = child.stdin.take().ok_or("no stdin")?;
     let mut stdout = child.stdout.take().ok_or("no stdout")?;
-    let mut back = vec![0u8; frame.len()];
-    for _ in 0..200 {
-        stdin.write_all(&frame).await?;
-        stdout.read_exact(&mut back).await?;
-    }
-    let mut raw = histogram();
-    for _ in 0..round_trips {
-        let t = Instant::now();
-        stdin.write_all(&frame).await?;
-        stdout.read_exact(&mut back).await?;
-        raw.saturating_record(t.elapsed().as_micros() as u64);
-    }
+    let raw = bench::time_raw_echo(&mut stdin, &mut stdout, &frame, round_trips).await?;
     drop(stdin);
     child.wait().await?;
 
@@ -160,8 +109,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!();
     println!("| round trip (µs) | mean | p50 | p99 | mean / raw |");
     println!("|---|---|---|---|---|");
-    println!("{}", row("raw pipe ping-pong (floor)", &raw, &raw));
-    println!("{}", row("pypool no-op call (stdio)", &pooled, &raw));
+    println!(
+        "{}",
+        bench::latency_row("raw pipe ping-pong (floor)", &raw, &raw)
+    );
+    println!(
+        "{}",
+        bench::latency_row("pypool no-op call (stdio)", &pooled, &raw)
+    );
     println!();
     println!("| start-up | time | / bare |");
     println!("|---|---|---|");

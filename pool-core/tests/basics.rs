@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use futures::future::join_all;
 use pool_core::{Error, Pool};
@@ -160,5 +158,4 @@ async fn pool_start_validates_the_config() {
         .unwrap_err();
     assert!(matches!(err, Error::InvalidConfig(_)), "{err}");
     assert_eq!(launcher.launched(), 0);
-    let _ = Duration::ZERO;
 }

@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use futures::future::join_all;
 use pool_core::{CallOptions, Error, Pool, TimeoutKind};
@@ -164,7 +162,6 @@ async fn run_case(start: Start, call: CallKind, caller: Caller) {
     );
     pool.shutdown(5 * SEC).await;
     assert_eq!(launcher.alive(), 0, "{case}: workers left behind");
-    let _ = Duration::ZERO;
 }
 
 #[tokio::test(start_paused = true)]

@@ -1,14 +1,14 @@
 //! Counters, gauges and latency histograms, and the serialisable snapshots the pool reports.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Affinity;
-use crate::worker::lock;
 
 /// The pool's running counters and histograms. Cheap to update from any task.
 pub(crate) struct Metrics {
@@ -69,11 +69,11 @@ impl Metrics {
     }
 
     pub(crate) fn record_queue_wait(&self, waited: Duration) {
-        lock(&self.queue_wait).saturating_record(micros(waited));
+        self.queue_wait.lock().saturating_record(micros(waited));
     }
 
     pub(crate) fn record_call_time(&self, took: Duration) {
-        lock(&self.call_time).saturating_record(micros(took));
+        self.call_time.lock().saturating_record(micros(took));
     }
 
     pub(crate) fn counters(&self) -> Counters {
@@ -100,11 +100,11 @@ impl Metrics {
     }
 
     pub(crate) fn queue_wait(&self) -> LatencySummary {
-        LatencySummary::of(&lock(&self.queue_wait))
+        LatencySummary::of(&self.queue_wait.lock())
     }
 
     pub(crate) fn call_time(&self) -> LatencySummary {
-        LatencySummary::of(&lock(&self.call_time))
+        LatencySummary::of(&self.call_time.lock())
     }
 }
 

@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -232,7 +234,7 @@ impl WorkerConn {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         {
-            let mut pending = lock(&self.routing.pending);
+            let mut pending = self.routing.pending.lock();
             if let Some(death) = self.routing.death.get() {
                 return Err(death.clone());
             }
@@ -246,7 +248,7 @@ impl WorkerConn {
             timeout_ms: timeout.map(|t| t.as_millis().min(u64::MAX as u128) as u64),
         };
         if let Err(reason) = self.send(&msg, &args.attachments).await {
-            lock(&self.routing.pending).remove(&id);
+            self.routing.pending.lock().remove(&id);
             return Err(self.exit_report(format!("could not be sent the call: {reason}")));
         }
         Ok((id, rx))
@@ -259,17 +261,17 @@ impl WorkerConn {
 
     /// Forgets a call: any later reply to it is dropped and counted as late.
     pub(crate) fn forget(&self, id: u64) {
-        lock(&self.routing.pending).remove(&id);
+        self.routing.pending.lock().remove(&id);
     }
 
     /// Sends PING and waits up to `timeout` for PONG. `false` if it did not come.
     pub(crate) async fn ping(&self, timeout: Duration) -> bool {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        lock(&self.routing.pings).insert(id, tx);
+        self.routing.pings.lock().insert(id, tx);
         let answered = self.send(&Message::Ping { id }, &[]).await.is_ok()
             && matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(())));
-        lock(&self.routing.pings).remove(&id);
+        self.routing.pings.lock().remove(&id);
         answered
     }
 
@@ -312,7 +314,7 @@ impl WorkerConn {
     /// Gives up on the worker: kills its process and makes the reader stop, so that every pending
     /// call fails and the pool's exit handling runs, for remote workers too.
     pub(crate) fn terminate_connection(&self, reason: &str) {
-        *lock(&self.routing.kill_reason) = Some(format!("was killed by the pool: {reason}"));
+        *self.routing.kill_reason.lock() = Some(format!("was killed by the pool: {reason}"));
         self.routing.kill.notify_one();
         self.kill();
     }
@@ -375,7 +377,7 @@ async fn read_loop(
         let received = tokio::select! {
             biased;
             _ = routing.kill.notified() => {
-                break lock(&routing.kill_reason).take().unwrap_or_else(|| "was killed".into());
+                break routing.kill_reason.lock().take().unwrap_or_else(|| "was killed".into());
             }
             received = receiver.recv() => received,
         };
@@ -408,7 +410,7 @@ async fn read_loop(
             Message::End { id } => route(&routing, id, Reply::End),
             Message::Cancelled { id } => route(&routing, id, Reply::Cancelled),
             Message::Pong { id } => {
-                if let Some(tx) = lock(&routing.pings).remove(&id) {
+                if let Some(tx) = routing.pings.lock().remove(&id) {
                     let _ = tx.send(());
                 }
             }
@@ -431,12 +433,12 @@ async fn read_loop(
         stderr_tail,
     };
     let pending: Pending = {
-        let mut pending = lock(&routing.pending);
+        let mut pending = routing.pending.lock();
         // Publish the death while holding the lock so no call registers after the drain.
         let _ = routing.death.set(report.clone());
         std::mem::take(&mut *pending)
     };
-    lock(&routing.pings).clear();
+    routing.pings.lock().clear();
     // The pool forgets the worker before its callers hear of the death, so a caller that retries
     // at once cannot be handed the dead worker again.
     on_exit(report.clone());
@@ -456,7 +458,7 @@ async fn write_loop(
         match outgoing {
             Outgoing::Frame(body) => {
                 if let Err(err) = sender.send(body).await {
-                    *lock(&routing.kill_reason) = Some(format!("could not be written to: {err}"));
+                    *routing.kill_reason.lock() = Some(format!("could not be written to: {err}"));
                     routing.kill.notify_one();
                     return;
                 }
@@ -468,7 +470,7 @@ async fn write_loop(
 }
 
 fn route(routing: &Routing, id: u64, reply: Reply) {
-    let mut pending = lock(&routing.pending);
+    let mut pending = routing.pending.lock();
     let terminal = reply.is_terminal();
     let delivered = match pending.get(&id) {
         Some(tx) => tx.send(reply).is_ok(),
@@ -484,12 +486,4 @@ fn route(routing: &Routing, id: u64, reply: Reply) {
             "dropped a reply for an unknown or finished call"
         );
     }
-}
-
-/// Locks a std mutex, recovering from poisoning: every critical section here leaves the data
-/// consistent, so a panic elsewhere must not take the pool down with it.
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

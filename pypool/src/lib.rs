@@ -14,7 +14,7 @@
 //! | feature | module | transport name |
 //! |---|---|---|
 //! | `stdio` (default) | `stdio` | `"stdio"`: workers are child processes, frames over their stdin/stdout |
-//! | `ipc` | `ipc` | `"ipc"`: local sockets (not implemented yet) |
+//! | `ipc` (default) | `ipc` | `"ipc"`: workers connect back over an authenticated Unix socket |
 //! | `zmq` | `zmq` | `"zmq"`: ZeroMQ, local or remote workers (not implemented yet) |
 //! | `testkit` | `testkit` | `"fake"`: in-process fake workers for tests |
 //! | `metrics` | `metrics` | publishes pool statistics through the `metrics` crate |
@@ -63,6 +63,11 @@ pub use pool_core::*;
 
 #[cfg(feature = "stdio")]
 pub use transport_stdio as stdio;
+
+/// Local process supervision shared by the spawning transports (interpreter resolution, the
+/// embedded runtime, process trees): `pool-process`.
+#[cfg(any(feature = "stdio", feature = "ipc"))]
+pub use pool_process as process;
 
 #[cfg(feature = "ipc")]
 pub use transport_ipc as ipc;

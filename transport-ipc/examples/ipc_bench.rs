@@ -57,8 +57,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or(5000);
     let app_dir = tempfile::tempdir()?;
     let app = bench::write_bench_app(app_dir.path())?;
-    let stdio = transport_stdio::StdioLauncher::new();
-    let python = stdio
+    let python = pool_process::ProcessLauncher::new()
         .interpreter(&pool_core::WorkerSpec::new("bench", "probe", app.clone()))
         .await?
         .executable;

@@ -11,11 +11,12 @@
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use interprocess::local_socket::tokio::prelude::*;
 use interprocess::local_socket::tokio::{Listener, Stream};
+use parking_lot::Mutex;
 use pool_core::protocol::auth::{self, Secret};
 use pool_core::Channel;
 use tokio::sync::{oneshot, watch, Notify};
@@ -136,7 +137,7 @@ impl Endpoint {
         if self.shared.stop.is_cancelled() {
             return false;
         }
-        match &*lock(&self.accept_task) {
+        match &*self.accept_task.lock() {
             Some(task) => !task.is_finished(),
             None => false,
         }
@@ -145,7 +146,7 @@ impl Endpoint {
     /// Marks a spawn as in progress until the guard is dropped. Register the new pid with
     /// [`expect`](Self::expect) before dropping the guard.
     pub(crate) fn spawning(self: &Arc<Self>) -> SpawnGuard {
-        lock(&self.shared.pairing).spawning += 1;
+        self.shared.pairing.lock().spawning += 1;
         SpawnGuard {
             shared: Arc::clone(&self.shared),
         }
@@ -154,7 +155,7 @@ impl Endpoint {
     /// Registers a launched worker's pid; the returned handle receives its connection.
     pub(crate) fn expect(self: &Arc<Self>, pid: u32, max_frame: usize) -> Expected {
         let (tx, rx) = oneshot::channel();
-        let mut pairing = lock(&self.shared.pairing);
+        let mut pairing = self.shared.pairing.lock();
         if !pairing.closed {
             pairing.waiting.insert(
                 pid,
@@ -178,11 +179,11 @@ impl Endpoint {
     /// Synchronous and idempotent (called from `Drop`).
     pub(crate) fn close(&self) {
         self.shared.stop.cancel();
-        if let Some(task) = &*lock(&self.accept_task) {
+        if let Some(task) = &*self.accept_task.lock() {
             task.abort();
         }
         let waiting = {
-            let mut pairing = lock(&self.shared.pairing);
+            let mut pairing = self.shared.pairing.lock();
             pairing.closed = true;
             std::mem::take(&mut pairing.waiting)
         };
@@ -196,7 +197,7 @@ impl Endpoint {
     /// returns.
     pub(crate) async fn shut_down(&self) {
         self.close();
-        let task = lock(&self.accept_task).take();
+        let task = self.accept_task.lock().take();
         if let Some(task) = task {
             // Cancelled or aborted: either way it has ended once this returns.
             let _ = task.await;
@@ -221,7 +222,7 @@ pub(crate) struct SpawnGuard {
 
 impl Drop for SpawnGuard {
     fn drop(&mut self) {
-        let mut pairing = lock(&self.shared.pairing);
+        let mut pairing = self.shared.pairing.lock();
         pairing.spawning = pairing.spawning.saturating_sub(1);
         drop(pairing);
         self.shared.spawned.notify_waiters();
@@ -247,7 +248,9 @@ impl Expected {
 
     /// Whether a connection from the worker has been accepted and is being authenticated.
     pub(crate) fn connected(&self) -> bool {
-        lock(&self.shared.pairing)
+        self.shared
+            .pairing
+            .lock()
             .waiting
             .get(&self.pid)
             .is_some_and(|waiting| waiting.connected)
@@ -256,7 +259,7 @@ impl Expected {
 
 impl Drop for Expected {
     fn drop(&mut self) {
-        lock(&self.shared.pairing).waiting.remove(&self.pid);
+        self.shared.pairing.lock().waiting.remove(&self.pid);
     }
 }
 
@@ -271,7 +274,7 @@ impl Shared {
             tokio::pin!(notified);
             notified.as_mut().enable();
             {
-                let mut pairing = lock(&self.pairing);
+                let mut pairing = self.pairing.lock();
                 if let Some(waiting) = pairing.waiting.get_mut(&pid) {
                     waiting.connected = true;
                     return Some(waiting.max_frame);
@@ -291,7 +294,9 @@ impl Shared {
         let Some(pid) = pid else {
             return Err(delivery);
         };
-        let tx = lock(&self.pairing)
+        let tx = self
+            .pairing
+            .lock()
             .waiting
             .get_mut(&pid)
             .and_then(|waiting| waiting.tx.take());
@@ -415,12 +420,6 @@ fn peer_pid(stream: &Stream) -> Result<Option<u32>, String> {
         }
     }
     Ok(creds.pid().and_then(|pid| u32::try_from(pid).ok()))
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(unix)]

@@ -1,10 +1,11 @@
 //! [`IpcLauncher`]: workers started like the stdio transport's, connected over a local socket.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use parking_lot::Mutex;
 use pool_core::{LaunchError, Launched, Launcher, WorkerSpec};
 
 use crate::endpoint::{BindOptions, Endpoint};
@@ -34,10 +35,9 @@ pub const ENV_SECRET: &str = "PYPOOL_SECRET";
 ///   directory. A launch after `shutdown` listens again, on a fresh socket. Give each pool its
 ///   own launcher: a pool's shutdown closes the socket for everyone using the launcher
 ///   (connected workers are not affected, launches in progress fail).
-/// * **Processes** are started exactly as [`transport_stdio::StdioLauncher`] starts them (that
-///   crate's [`spawn_worker`](transport_stdio::StdioLauncher::spawn_worker): resolved
-///   interpreter, embedded runtime, own process group, parent-death signal, stderr tail,
-///   reaping), with `--transport ipc`. The socket path ([`ENV_IPC_PATH`]) and a per-socket
+/// * **Processes** are started by a [`pool_process::ProcessLauncher`], as every spawning
+///   transport starts them (resolved interpreter, embedded runtime, the worker's whole process
+///   tree owned, parent-death signal, stderr tail, reaping), with `--transport ipc`. The socket path ([`ENV_IPC_PATH`]) and a per-socket
 ///   secret ([`ENV_SECRET`]) go in the worker's environment, never in its argv. Its stdin and
 ///   stdout are `/dev/null`.
 /// * **Authentication first.** Every connection runs
@@ -69,7 +69,7 @@ pub const ENV_SECRET: &str = "PYPOOL_SECRET";
 /// ```
 pub struct IpcLauncher {
     #[cfg(unix)]
-    processes: transport_stdio::StdioLauncher,
+    processes: pool_process::ProcessLauncher,
     auth_timeout: Duration,
     connect_timeout: Duration,
     socket_dir: Option<PathBuf>,
@@ -98,7 +98,7 @@ impl IpcLauncher {
     pub fn new() -> Self {
         IpcLauncher {
             #[cfg(unix)]
-            processes: transport_stdio::StdioLauncher::new(),
+            processes: pool_process::ProcessLauncher::new(),
             auth_timeout: DEFAULT_AUTH_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             socket_dir: None,
@@ -130,10 +130,10 @@ impl IpcLauncher {
         self
     }
 
-    /// Starts workers with this stdio launcher's process handling (its interpreter cache and
-    /// stderr settings) instead of a default one.
+    /// Starts workers with this process launcher (its interpreter cache and stderr settings)
+    /// instead of a default one.
     #[cfg(unix)]
-    pub fn process_launcher(mut self, launcher: transport_stdio::StdioLauncher) -> Self {
+    pub fn process_launcher(mut self, launcher: pool_process::ProcessLauncher) -> Self {
         self.processes = launcher;
         self
     }
@@ -150,7 +150,8 @@ impl IpcLauncher {
     /// [`shutdown`](Launcher::shutdown). The socket is alone in its private directory, its
     /// parent.
     pub fn socket_path(&self) -> Option<PathBuf> {
-        lock(&self.endpoint)
+        self.endpoint
+            .lock()
             .as_ref()
             .filter(|endpoint| endpoint.is_usable())
             .map(|endpoint| endpoint.address().to_path_buf())
@@ -159,7 +160,7 @@ impl IpcLauncher {
     /// The current endpoint, binding a new one if there is none or the old one stopped (its
     /// runtime ended).
     fn endpoint(&self) -> Result<Arc<Endpoint>, LaunchError> {
-        let mut slot = lock(&self.endpoint);
+        let mut slot = self.endpoint.lock();
         if let Some(endpoint) = slot.as_ref().filter(|endpoint| endpoint.is_usable()) {
             return Ok(Arc::clone(endpoint));
         }
@@ -178,7 +179,7 @@ impl IpcLauncher {
 
 impl Drop for IpcLauncher {
     fn drop(&mut self) {
-        if let Some(endpoint) = lock(&self.endpoint).take() {
+        if let Some(endpoint) = self.endpoint.lock().take() {
             endpoint.close();
         }
     }
@@ -212,7 +213,7 @@ impl Launcher for IpcLauncher {
     }
 
     async fn shutdown(&self) {
-        let endpoint = lock(&self.endpoint).take();
+        let endpoint = self.endpoint.lock().take();
         if let Some(endpoint) = endpoint {
             endpoint.shut_down().await;
         }
@@ -222,15 +223,15 @@ impl Launcher for IpcLauncher {
 #[cfg(unix)]
 impl IpcLauncher {
     /// Like [`Launcher::launch`], but returns the concrete
-    /// [`StdioProcess`](transport_stdio::StdioProcess) (for callers that want
-    /// [`exited`](transport_stdio::StdioProcess::exited) or do not need a trait object). The
+    /// [`WorkerProcess`](pool_process::WorkerProcess) (for callers that want
+    /// [`exited`](pool_process::WorkerProcess::exited) or do not need a trait object). The
     /// channel is authenticated; the HELLO/WELCOME handshake is the caller's job.
     pub async fn launch_process(
         &self,
         spec: &WorkerSpec,
-    ) -> Result<(pool_core::Channel, transport_stdio::StdioProcess), LaunchError> {
+    ) -> Result<(pool_core::Channel, pool_process::WorkerProcess), LaunchError> {
         use pool_core::ProcessHandle;
-        use transport_stdio::SpawnOptions;
+        use pool_process::SpawnOptions;
 
         let endpoint = self.endpoint()?;
         let options = SpawnOptions::new("ipc")
@@ -240,7 +241,7 @@ impl IpcLauncher {
             // While this guard lives, connections from unknown pids wait for the spawn to tell
             // its pid, instead of being taken for strangers.
             let _spawning = endpoint.spawning();
-            let worker = self.processes.spawn_worker(spec, &options).await?;
+            let worker = self.processes.spawn(spec, &options).await?;
             let pid = worker
                 .process
                 .pid()
@@ -293,16 +294,10 @@ impl IpcLauncher {
 
 /// Kills a worker whose launch failed and returns the error with its last stderr lines.
 #[cfg(unix)]
-async fn fail(process: transport_stdio::StdioProcess, message: String) -> LaunchError {
+async fn fail(process: pool_process::WorkerProcess, message: String) -> LaunchError {
     use pool_core::ProcessHandle;
     process.kill();
     // The group is killed: the exit follows at once, and with it the complete stderr tail.
     let _ = process.wait().await;
     LaunchError::new(message).with_stderr(process.stderr_tail())
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

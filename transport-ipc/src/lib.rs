@@ -31,11 +31,11 @@
 //!
 //! # Processes
 //!
-//! Local process launching is shared with `transport-stdio`:
-//! [`transport_stdio::StdioLauncher::spawn_worker`] resolves the interpreter, provides the
-//! embedded `pypool_worker` runtime, puts the worker in its own process group with a
-//! parent-death signal (Linux), keeps its stderr tail and reaps it; this crate adds the socket,
-//! the secret and the pairing. A launch fails, with the worker's stderr tail, if the worker
+//! Local process launching is `pool-process`'s, shared with every spawning transport:
+//! [`pool_process::ProcessLauncher`] resolves the interpreter, provides the embedded
+//! `pypool_worker` runtime, owns the worker's whole process tree, arms the parent-death signal
+//! (Linux), keeps its stderr tail and reaps it; this crate adds the socket, the secret and the
+//! pairing. A launch fails, with the worker's stderr tail, if the worker
 //! exits before it connects or does not connect within the connect timeout (default 30 s).
 //!
 //! # Platforms

@@ -41,6 +41,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let app = bench::write_bench_app(app_dir.path())?;
     let launcher = Arc::new(StdioLauncher::new());
     let python = launcher
+        .processes()
         .interpreter(&WorkerSpec::new("bench", "probe", app.clone()))
         .await?
         .executable;

@@ -9,44 +9,15 @@
 //! `PROTOCOL.md`) on the child's pipes — stdin carries frames to the worker, stdout frames back,
 //! and stderr is free text that becomes `tracing` events and a bounded tail for error messages.
 //!
-//! What it takes care of, so that the pool does not have to:
+//! Starting, watching and ending the process (interpreter resolution, the embedded runtime, the
+//! process group and everything a worker starts, the parent-death signal, reaping) is
+//! `pool-process`'s job, shared with every other spawning transport; this crate adds the frames.
 //!
-//! * **The interpreter**: `python3` is resolved once (per launcher) to the binary in
-//!   `sys.executable`, so version-manager shims are not paid for by every worker; a missing or
-//!   non-Python-3 interpreter is a clear [`pool_core::LaunchError`].
-//! * **The runtime**: the `pypool_worker` package is embedded ([`runtime`]); if the interpreter
-//!   cannot import the same version, it is written to a private cache directory and put on
-//!   `PYTHONPATH`. A bare `python3` with nothing installed works.
-//! * **The process**: its own process group (signals reach everything the worker started), on
-//!   Linux a parent-death signal so that a killed pool leaves no orphans, thread-pool limits for
-//!   numeric libraries, unbuffered output, and a [`StdioProcess`] handle that kills the group on
-//!   drop and reaps every child.
-//!
-//! The launcher does not wait for the worker's HELLO: it returns as soon as the process runs.
-//!
-//! Other local transports reuse all of the above: [`StdioLauncher::spawn_worker`] starts a
-//! worker with another `--transport` and extra environment ([`SpawnOptions`]) and returns its
-//! [`StdioProcess`] (`transport-ipc` launches its workers this way).
-//!
-//! Unix only for process control; on other platforms only [`runtime`] is available.
+//! Unix only.
 #![warn(missing_docs)]
 
 #[cfg(unix)]
-mod interpreter;
-#[cfg(unix)]
 mod launcher;
-#[cfg(unix)]
-mod process;
-pub mod runtime;
-#[cfg(unix)]
-mod spawner;
 
 #[cfg(unix)]
-pub use interpreter::Interpreter;
-#[cfg(unix)]
-pub use launcher::{
-    SpawnOptions, SpawnedWorker, StdioLauncher, DEFAULT_STDERR_DRAIN, THREAD_LIMIT_VARS,
-};
-#[cfg(unix)]
-pub use process::StdioProcess;
-pub use runtime::{materialize_runtime, RUNTIME_VERSION};
+pub use launcher::StdioLauncher;

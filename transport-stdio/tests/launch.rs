@@ -9,8 +9,9 @@ use bytes::Bytes;
 use common::*;
 use pool_core::protocol::{Message, PROTOCOL_VERSION};
 use pool_core::{Launcher, ProcessHandle};
+use pool_process::RUNTIME_VERSION;
 use serde_json::json;
-use transport_stdio::{StdioLauncher, RUNTIME_VERSION};
+use transport_stdio::StdioLauncher;
 
 #[tokio::test]
 async fn handshake_and_echo_with_bytes() {
@@ -74,7 +75,11 @@ async fn handshake_and_echo_with_bytes() {
 async fn interpreter_is_resolved_to_the_real_binary() {
     let launcher = StdioLauncher::new();
     let spec = spec(stdio_app());
-    let interpreter = launcher.interpreter(&spec).await.expect("resolve python3");
+    let interpreter = launcher
+        .processes()
+        .interpreter(&spec)
+        .await
+        .expect("resolve python3");
     assert_eq!(interpreter.requested, PathBuf::from("python3"));
     assert!(interpreter.version.starts_with("3."), "{interpreter:?}");
     assert!(interpreter.executable.is_absolute(), "{interpreter:?}");
@@ -86,7 +91,11 @@ async fn interpreter_is_resolved_to_the_real_binary() {
     assert_eq!(&magic, b"\x7fELF", "{interpreter:?} is not a binary");
     // Cached: the same answer without running Python again.
     assert_eq!(
-        launcher.interpreter(&spec).await.expect("cached"),
+        launcher
+            .processes()
+            .interpreter(&spec)
+            .await
+            .expect("cached"),
         interpreter
     );
 
@@ -104,7 +113,7 @@ async fn interpreter_is_resolved_to_the_real_binary() {
     let (ok, _) = call(&mut channel, 2, "runtime_file", json!([]), &[]).await;
     let file = PathBuf::from(ok.as_str().expect("a path"));
     if !interpreter.has_matching_runtime() {
-        let dir = transport_stdio::materialize_runtime().expect("materialize");
+        let dir = pool_process::materialize_runtime().expect("materialize");
         assert!(file.starts_with(&dir), "{file:?} not in {dir:?}");
     }
     process.kill();

@@ -12,7 +12,7 @@ use super::{deliver, Shared};
 use crate::error::{Error, WorkerExit};
 use crate::launcher::WorkerSpec;
 use crate::stats::{BreakerState, Metrics};
-use crate::worker::{lock, HandshakeError, WorkerConn};
+use crate::worker::{HandshakeError, WorkerConn};
 
 impl Shared {
     /// Starts a task that launches one worker (retrying with backoff for permanent workers).
@@ -40,7 +40,7 @@ impl Shared {
                 break;
             }
             let (seq, spec) = {
-                let mut state = lock(&self.state);
+                let mut state = self.state.lock();
                 let seq = state.next_worker;
                 state.next_worker += 1;
                 (seq, self.spec(seq))
@@ -63,7 +63,7 @@ impl Shared {
                 }
             }
         }
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         if overflow {
             state.starting_overflow -= 1;
         } else {
@@ -121,7 +121,7 @@ impl Shared {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let wait_until = {
-                let mut state = lock(&self.state);
+                let mut state = self.state.lock();
                 if state.phase != Phase::Running {
                     return false;
                 }
@@ -151,7 +151,7 @@ impl Shared {
         let message = err.error.to_string();
         tracing::warn!(pool = %self.config.name, worker = %spec.worker_id, "worker launch failed: {message}");
         Metrics::inc(&self.metrics.launch_failures);
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         if err.fatal {
             state.fatal_start_error = Some(message.clone());
         }
@@ -198,7 +198,7 @@ impl Shared {
         receiver: Box<dyn crate::launcher::FrameReceiver>,
         overflow: bool,
     ) {
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         if overflow {
             state.starting_overflow -= 1;
         } else {
@@ -265,7 +265,7 @@ impl Shared {
 
     /// A worker's channel ended: forget it, fail callers pinned to it, start a replacement.
     pub(crate) fn on_worker_exit(self: &Arc<Self>, seq: u64, exit: WorkerExit) {
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         let Some(slot) = state.workers.remove(&seq) else {
             return;
         };
@@ -298,7 +298,7 @@ impl Shared {
         let shared = self.clone();
         self.tasks.spawn(async move {
             slot.conn.stop(shared.config.stop_grace).await;
-            let mut state = lock(&shared.state);
+            let mut state = shared.state.lock();
             state.stopping -= 1;
             if !slot.overflow && state.phase == Phase::Running {
                 shared.spawn_launch(&mut state, false);

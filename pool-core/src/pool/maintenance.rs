@@ -7,7 +7,6 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::Shared;
 use crate::stats::Metrics;
-use crate::worker::lock;
 
 pub(super) async fn run(shared: Arc<Shared>) {
     let mut interval = tokio::time::interval(shared.config.maintenance_interval);
@@ -28,7 +27,7 @@ impl Shared {
         let mut retiring = Vec::new();
         let mut expired = Vec::new();
         {
-            let mut state = lock(&self.state);
+            let mut state = self.state.lock();
             for (seq, slot) in state.workers.iter_mut() {
                 if slot.in_flight > 0 || slot.retiring {
                     continue;
@@ -97,7 +96,7 @@ impl Shared {
         calls_before: u64,
         answered: bool,
     ) {
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         let Some(slot) = state.workers.get_mut(&seq) else {
             return;
         };

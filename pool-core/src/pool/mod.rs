@@ -5,7 +5,9 @@ mod lease;
 mod maintenance;
 mod state;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use tokio::sync::{oneshot, Notify};
@@ -24,7 +26,6 @@ use crate::session::Session;
 use crate::stats::{
     Gauges, Metrics, PoolStats, PoolStatus, SessionStatus, WorkerState, WorkerStatus,
 };
-use crate::worker::lock;
 use lease::{InFlight, Lease};
 use state::{Delivery, Phase, SessionEntry, State, Target, Waiter};
 
@@ -94,7 +95,7 @@ struct DropGuard {
 impl Drop for DropGuard {
     fn drop(&mut self) {
         self.shared.stopping.cancel();
-        let mut state = lock(&self.shared.state);
+        let mut state = self.shared.state.lock();
         state.phase = Phase::Closing;
         state.waiters.clear();
         for slot in state.workers.values() {
@@ -166,7 +167,7 @@ impl Pool {
             shared,
         };
         {
-            let mut state = lock(&pool.shared.state);
+            let mut state = pool.shared.state.lock();
             for _ in 0..pool.shared.config.size {
                 pool.shared.spawn_launch(&mut state, false);
             }
@@ -192,7 +193,7 @@ impl Pool {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let reason = {
-                let state = lock(&shared.state);
+                let state = shared.state.lock();
                 let ready = state.live_workers();
                 if ready >= wanted {
                     return Ok(());
@@ -302,7 +303,7 @@ impl Pool {
 
     /// Counters, gauges and latency histograms.
     pub fn stats(&self) -> PoolStats {
-        let gauges = lock(&self.shared.state).gauges();
+        let gauges = self.shared.state.lock().gauges();
         PoolStats {
             pool: self.shared.config.name.clone(),
             counters: self.shared.metrics.counters(),
@@ -316,7 +317,7 @@ impl Pool {
     pub fn status(&self) -> PoolStatus {
         let now = Instant::now();
         let ms = |d: Duration| d.as_millis().min(u64::MAX as u128) as u64;
-        let state = lock(&self.shared.state);
+        let state = self.shared.state.lock();
         let worker_name = |seq: u64| state.workers.get(&seq).map(|s| s.conn.id.clone());
         let workers = state
             .workers
@@ -382,7 +383,7 @@ impl Pool {
     pub async fn shutdown(&self, grace: Duration) {
         let shared = &self.shared;
         let waiters: Vec<Waiter> = {
-            let mut state = lock(&shared.state);
+            let mut state = shared.state.lock();
             state.phase = Phase::Closing;
             state.waiters.drain(..).collect()
         };
@@ -398,7 +399,9 @@ impl Pool {
             let notified = shared.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let busy = lock(&shared.state)
+            let busy = shared
+                .state
+                .lock()
                 .workers
                 .values()
                 .any(|s| s.in_flight > 0);
@@ -411,7 +414,7 @@ impl Pool {
             }
         }
         let slots: Vec<_> = {
-            let mut state = lock(&shared.state);
+            let mut state = shared.state.lock();
             std::mem::take(&mut state.workers).into_values().collect()
         };
         let stop_grace = shared.config.stop_grace;
@@ -590,7 +593,7 @@ impl Shared {
                 session: session.id().to_owned(),
             });
         }
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         let now = Instant::now();
         let affinity = {
             let entry = state
@@ -638,7 +641,7 @@ impl Shared {
             TimeoutKind::Checkout,
         );
         let (waiter_id, rx) = {
-            let mut state = lock(&self.state);
+            let mut state = self.state.lock();
             if state.phase != Phase::Running {
                 return Err(Error::ShuttingDown {
                     pool: self.config.name.clone(),
@@ -740,7 +743,7 @@ impl Shared {
     /// Returns a slot; recycles the worker if it is due; serves the next waiter.
     pub(crate) fn release(self: &Arc<Self>, seq: u64) {
         let (deliveries, retired) = {
-            let mut state = lock(&self.state);
+            let mut state = self.state.lock();
             let mut retired = None;
             if let Some(slot) = state.workers.get_mut(&seq) {
                 slot.in_flight = slot.in_flight.saturating_sub(1);
@@ -792,7 +795,7 @@ impl Shared {
 
     /// Marks a cancelled call on worker `seq` as unconfirmed (`true`) or settled (`false`).
     pub(crate) fn set_settling(&self, seq: u64, settling: bool) {
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         if let Some(slot) = state.workers.get_mut(&seq) {
             if settling {
                 slot.settling += 1;
@@ -804,7 +807,7 @@ impl Shared {
 
     /// Kills a worker that cannot be trusted any more; the reader's exit report replaces it.
     pub(crate) fn kill_worker(&self, seq: u64, reason: &str) {
-        let mut state = lock(&self.state);
+        let mut state = self.state.lock();
         if let Some(slot) = state.workers.get_mut(&seq) {
             if slot.killed.is_none() {
                 tracing::warn!(pool = %self.config.name, worker = %slot.conn.id, "killing worker: {reason}");
@@ -851,7 +854,7 @@ impl Shared {
             Outcome::Abandoned => false,
         };
         if let (Some(session), true) = (session, registered) {
-            let mut state = lock(&self.state);
+            let mut state = self.state.lock();
             if let Some(entry) = state.sessions.get_mut(session) {
                 entry.in_flight = entry.in_flight.saturating_sub(1);
                 entry.calls += 1;
@@ -864,7 +867,7 @@ impl Shared {
     /// Ends a session: forgets it and tells every worker that may hold its state.
     pub(crate) async fn end_session(&self, id: &str) {
         let conns: Vec<_> = {
-            let mut state = lock(&self.state);
+            let mut state = self.state.lock();
             let Some(entry) = state.sessions.remove(id) else {
                 return;
             };
@@ -889,7 +892,7 @@ struct WaiterGuard<'a> {
 impl WaiterGuard<'_> {
     fn leave(&mut self) {
         if let Some(id) = self.id.take() {
-            let mut state = lock(&self.shared.state);
+            let mut state = self.shared.state.lock();
             if let Some(pos) = state.waiters.iter().position(|w| w.id == id) {
                 state.waiters.remove(pos);
             }

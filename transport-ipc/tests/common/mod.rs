@@ -150,10 +150,7 @@ impl FakeRuntime {
         std::fs::create_dir(&package).expect("mkdir");
         std::fs::write(
             package.join("__init__.py"),
-            format!(
-                "__version__ = \"{}\"\n",
-                transport_stdio::runtime::RUNTIME_VERSION
-            ),
+            format!("__version__ = \"{}\"\n", pool_process::RUNTIME_VERSION),
         )
         .expect("write __init__");
         std::fs::write(package.join("__main__.py"), main).expect("write __main__");

@@ -5,7 +5,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pypool::stdio::StdioLauncher;
+use pypool::process::ProcessLauncher;
 use pypool::WorkerSpec;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
@@ -88,7 +88,7 @@ pub async fn run_all(
 ) -> Result<Baselines, Failure> {
     let mut spec = WorkerSpec::new("bench-baseline", "probe", "");
     spec.python = global.python.clone();
-    let interpreter = StdioLauncher::new()
+    let interpreter = ProcessLauncher::new()
         .interpreter(&spec)
         .await
         .map_err(|err| Failure::start(err.to_string()))?;

@@ -5,7 +5,8 @@ use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pypool::stdio::{materialize_runtime, StdioLauncher, RUNTIME_VERSION};
+use pypool::process::{materialize_runtime, RUNTIME_VERSION};
+use pypool::stdio::StdioLauncher;
 use pypool::{Pool, PoolConfig, WorkerSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -117,7 +118,7 @@ pub async fn run(global: &Global) -> Result<ExitCode, Failure> {
     let launcher = Arc::new(StdioLauncher::new());
     let mut spec = WorkerSpec::new("doctor", "probe", "");
     spec.python = global.python.clone();
-    let interpreter = launcher.interpreter(&spec).await;
+    let interpreter = launcher.processes().interpreter(&spec).await;
     let python = match &interpreter {
         Ok(i) => PythonCheck {
             ok: true,

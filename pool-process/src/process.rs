@@ -1,12 +1,13 @@
-//! [`StdioProcess`]: the [`ProcessHandle`] of a worker started by the stdio launcher.
+//! [`WorkerProcess`]: the [`ProcessHandle`] of a local worker, owning its process group.
 
 use std::collections::VecDeque;
 use std::io;
 use std::process::ExitStatus;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use parking_lot::Mutex;
 use pool_core::{ExitInfo, ProcessHandle};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Child;
@@ -27,16 +28,16 @@ const MAX_LINE: usize = 8 * 1024;
 ///   is complete by then.
 /// * Dropping the handle while the worker runs kills its process group; the background task
 ///   still reaps the worker, so no zombie is left.
-pub struct StdioProcess {
+pub struct WorkerProcess {
     pid: u32,
     control: Arc<Control>,
     exit: watch::Receiver<Option<ExitInfo>>,
     tail: Arc<StderrTail>,
 }
 
-impl std::fmt::Debug for StdioProcess {
+impl std::fmt::Debug for WorkerProcess {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StdioProcess")
+        f.debug_struct("WorkerProcess")
             .field("pid", &self.pid)
             .field("exit", &*self.exit.borrow())
             .finish()
@@ -61,7 +62,7 @@ impl StderrTail {
         if self.capacity == 0 {
             return;
         }
-        let mut lines = lock(&self.lines);
+        let mut lines = self.lines.lock();
         while lines.len() >= self.capacity {
             lines.pop_front();
         }
@@ -69,7 +70,7 @@ impl StderrTail {
     }
 
     fn snapshot(&self) -> Vec<String> {
-        lock(&self.lines).iter().cloned().collect()
+        self.lines.lock().iter().cloned().collect()
     }
 }
 
@@ -83,7 +84,7 @@ struct Control {
 
 impl Control {
     fn signal(&self, signal: i32) {
-        let reaped = lock(&self.reaped);
+        let reaped = self.reaped.lock();
         if *reaped {
             return;
         }
@@ -92,7 +93,7 @@ impl Control {
 
     /// `try_wait` under the lock; marks the child reaped when it has exited.
     fn try_reap(&self, child: &mut Child) -> io::Result<Option<ExitStatus>> {
-        let mut reaped = lock(&self.reaped);
+        let mut reaped = self.reaped.lock();
         if *reaped {
             return Ok(None);
         }
@@ -108,7 +109,7 @@ impl Control {
     }
 
     fn is_reaped(&self) -> bool {
-        *lock(&self.reaped)
+        *self.reaped.lock()
     }
 }
 
@@ -130,12 +131,6 @@ fn signal_group(pid: u32, signal: i32) {
 const SIGTERM: i32 = libc::SIGTERM;
 const SIGKILL: i32 = libc::SIGKILL;
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// Converts an exit status into the pool's [`ExitInfo`].
 pub(crate) fn exit_info(status: ExitStatus) -> ExitInfo {
     ExitInfo {
@@ -150,7 +145,7 @@ pub(crate) struct Labels {
     pub(crate) worker_id: String,
 }
 
-impl StdioProcess {
+impl WorkerProcess {
     /// Takes over a freshly spawned child (stdin/stdout already taken, stderr taken and passed
     /// in): starts the stderr reader and the supervisor on the current runtime.
     pub(crate) fn start<E>(
@@ -159,7 +154,7 @@ impl StdioProcess {
         tail_lines: usize,
         labels: Labels,
         stderr_drain: Duration,
-    ) -> io::Result<StdioProcess>
+    ) -> io::Result<WorkerProcess>
     where
         E: AsyncRead + Unpin + Send + 'static,
     {
@@ -192,7 +187,7 @@ impl StdioProcess {
             stderr_done,
             stderr_drain,
         ));
-        Ok(StdioProcess {
+        Ok(WorkerProcess {
             pid,
             control,
             exit,
@@ -201,7 +196,7 @@ impl StdioProcess {
     }
 }
 
-impl StdioProcess {
+impl WorkerProcess {
     /// A future that resolves to the exit status once the worker has exited, been reaped and its
     /// stderr drained — like [`wait`](ProcessHandle::wait), but independent of this handle's
     /// lifetime: it still resolves after the handle is dropped (which kills the worker).
@@ -220,7 +215,7 @@ impl StdioProcess {
 }
 
 #[async_trait]
-impl ProcessHandle for StdioProcess {
+impl ProcessHandle for WorkerProcess {
     fn pid(&self) -> Option<u32> {
         Some(self.pid)
     }
@@ -250,7 +245,7 @@ impl ProcessHandle for StdioProcess {
     }
 }
 
-impl Drop for StdioProcess {
+impl Drop for WorkerProcess {
     fn drop(&mut self) {
         // No-op once reaped. The supervisor task keeps running and reaps the killed worker.
         self.control.signal(SIGKILL);
@@ -260,7 +255,7 @@ impl Drop for StdioProcess {
 #[cfg(target_os = "linux")]
 fn rss_bytes(control: &Control) -> Option<u64> {
     // Hold the lock while reading so the pid cannot be reaped and reused under us.
-    let reaped = lock(&control.reaped);
+    let reaped = control.reaped.lock();
     if *reaped {
         return None;
     }
@@ -325,7 +320,7 @@ async fn wait_reaped(guard: &mut ChildGuard) -> ExitInfo {
             Ok(None) => {}
             Err(err) => {
                 tracing::warn!(
-                    target: "pypool::stdio",
+                    target: "pypool::process",
                     pid = guard.control.pid,
                     error = %err,
                     "cannot wait for worker process"
@@ -363,7 +358,7 @@ async fn read_stderr<E>(
         let chunk = match reader.fill_buf().await {
             Ok(chunk) => chunk,
             Err(err) => {
-                tracing::debug!(target: "pypool::stdio", pid, error = %err, "stderr read failed");
+                tracing::debug!(target: "pypool::process", pid, error = %err, "stderr read failed");
                 break;
             }
         };

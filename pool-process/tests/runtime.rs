@@ -3,7 +3,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::sync::{Arc, Barrier};
 
-use transport_stdio::runtime::{self, materialize_runtime_in, FILES, PACKAGE, RUNTIME_VERSION};
+use pool_process::runtime::{self, materialize_runtime_in, FILES, PACKAGE, RUNTIME_VERSION};
 
 #[test]
 fn version_comes_from_the_embedded_package() {
@@ -69,6 +69,6 @@ fn concurrent_materialisation_is_safe() {
 
 #[test]
 fn default_location_works() {
-    let dir = transport_stdio::materialize_runtime().expect("materialize");
+    let dir = pool_process::materialize_runtime().expect("materialize");
     assert!(dir.join(PACKAGE).join("__main__.py").is_file());
 }

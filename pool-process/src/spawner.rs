@@ -15,7 +15,8 @@
 
 use std::io;
 use std::sync::mpsc;
-use std::sync::Mutex;
+
+use parking_lot::Mutex;
 
 use tokio::process::{Child, Command};
 use tokio::runtime::Handle;
@@ -29,10 +30,12 @@ struct Request {
 
 static SPAWNER: Mutex<Option<mpsc::Sender<Request>>> = Mutex::new(None);
 
-/// Spawns `command` on the spawner thread, registered with the current tokio runtime.
+/// Spawns `command` on the spawner thread, registered with the current tokio runtime, as the
+/// leader of a new process group and (on Linux) with the parent-death signal armed.
 ///
 /// Must be called from within a tokio runtime.
-pub(crate) async fn spawn(command: Command) -> io::Result<Child> {
+pub(crate) async fn spawn(mut command: Command) -> io::Result<Child> {
+    isolate(&mut command);
     let runtime = Handle::try_current().map_err(|err| io::Error::other(err.to_string()))?;
     let (reply, answer) = oneshot::channel();
     let request = Request {
@@ -47,9 +50,7 @@ pub(crate) async fn spawn(command: Command) -> io::Result<Child> {
 }
 
 fn send(request: Request) -> io::Result<()> {
-    let mut slot = SPAWNER
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut slot = SPAWNER.lock();
     let request = match slot.as_ref() {
         Some(sender) => match sender.send(request) {
             Ok(()) => return Ok(()),
@@ -98,4 +99,35 @@ fn abandon(child: Child) {
         }
     }
     drop(child);
+}
+
+/// Own process group, and on Linux a death signal tied to this module's thread.
+fn isolate(command: &mut Command) {
+    command.process_group(0);
+    #[cfg(target_os = "linux")]
+    {
+        let parent = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
+        // SAFETY: the closure runs in the forked child before exec and calls only
+        // async-signal-safe syscalls (prctl, getppid); it allocates nothing.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0 as libc::c_ulong,
+                    0 as libc::c_ulong,
+                    0 as libc::c_ulong,
+                ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The pool may have died between fork and prctl, in which case the death signal
+                // was armed too late to fire: we have been re-parented. Do not start.
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            });
+        }
+    }
 }

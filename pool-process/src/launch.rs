@@ -3,6 +3,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -156,6 +158,7 @@ impl ProcessLauncher {
         options: &SpawnOptions,
         interpreter: &Interpreter,
         runtime_dir: Option<PathBuf>,
+        secret: Option<&OwnedFd>,
     ) -> Result<Command, LaunchError> {
         let mut command = Command::new(&interpreter.executable);
         command
@@ -191,6 +194,9 @@ impl ProcessLauncher {
         }
         if let Some(cwd) = &spec.cwd {
             command.current_dir(cwd);
+        }
+        if let Some(secret) = secret {
+            hand_over(&mut command, secret);
         }
         let frames = || {
             if options.frame_pipes {
@@ -228,8 +234,19 @@ impl ProcessLauncher {
             self.precompile(&interpreter, &dir).await;
             Some(dir)
         };
-        let command = self.command(spec, options, &interpreter, runtime_dir)?;
-        let mut child = spawner::spawn(command).await.map_err(|err| {
+        let secret = match &options.secret {
+            Some(secret) => Some(secret_pipe(secret.as_bytes()).map_err(|err| {
+                LaunchError::new(format!(
+                    "cannot make the pipe for the worker's secret: {err}"
+                ))
+            })?),
+            None => None,
+        };
+        let command = self.command(spec, options, &interpreter, runtime_dir, secret.as_ref())?;
+        let spawned = spawner::spawn(command).await;
+        // The child has its own copy now (or never will): close ours.
+        drop(secret);
+        let mut child = spawned.map_err(|err| {
             LaunchError::new(format!(
                 "cannot start worker {} of pool {}: `{}`: {err}",
                 spec.worker_id,
@@ -281,7 +298,7 @@ async fn materialize() -> Result<PathBuf, LaunchError> {
 /// How [`ProcessLauncher::spawn`] starts a worker: which transport the runtime speaks, extra
 /// environment for it, and whether its stdin/stdout carry frames.
 ///
-/// `Debug` shows the names of the extra variables but not their values.
+/// `Debug` shows the names of the extra variables but not their values, and never the secret.
 ///
 /// # Example
 ///
@@ -296,6 +313,7 @@ pub struct SpawnOptions {
     transport: String,
     env: Vec<(String, String)>,
     frame_pipes: bool,
+    secret: Option<String>,
 }
 
 impl SpawnOptions {
@@ -306,6 +324,7 @@ impl SpawnOptions {
             transport: transport.into(),
             env: Vec::new(),
             frame_pipes: false,
+            secret: None,
         }
     }
 
@@ -324,6 +343,18 @@ impl SpawnOptions {
         self
     }
 
+    /// Hands the worker a secret (a text such as the hex of an HMAC key) on an inherited pipe
+    /// instead of its environment or command line, both of which other processes of the same
+    /// user can read for the worker's whole life (`/proc/<pid>/environ`, `/proc/<pid>/cmdline`).
+    ///
+    /// The worker finds the pipe's descriptor in `PYPOOL_SECRET_FD`; the runtime reads the
+    /// secret once, closes the descriptor and removes the variable before it imports the
+    /// application, so neither the app nor anything it starts inherits it.
+    pub fn secret(mut self, secret: impl Into<String>) -> Self {
+        self.secret = Some(secret.into());
+        self
+    }
+
     /// The `--transport` value the worker is started with.
     pub fn transport(&self) -> &str {
         &self.transport
@@ -337,7 +368,74 @@ impl std::fmt::Debug for SpawnOptions {
             .field("transport", &self.transport)
             .field("env", &names)
             .field("frame_pipes", &self.frame_pipes)
+            .field("secret", &self.secret.as_ref().map(|_| "<hidden>"))
             .finish()
+    }
+}
+
+/// The environment variable that names the descriptor of the secret pipe
+/// ([`SpawnOptions::secret`]).
+pub const ENV_SECRET_FD: &str = "PYPOOL_SECRET_FD";
+
+/// A pipe whose read end holds `secret` followed by end-of-file. Returns the read end
+/// (close-on-exec, numbered 3 or above so the child's stdio set-up cannot overwrite it).
+fn secret_pipe(secret: &[u8]) -> io::Result<OwnedFd> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into `fds`, which outlives the call.
+    #[cfg(target_os = "linux")]
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    // SAFETY: as above. Without pipe2 there is a short window in which a fork elsewhere in the
+    // process could inherit the descriptors; the secret goes in only after both are marked.
+    #[cfg(not(target_os = "linux"))]
+    let rc = unsafe { libc::pipe(fds.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    #[cfg(not(target_os = "linux"))]
+    for fd in [&read, &write] {
+        // SAFETY: fcntl on a descriptor we own.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    let read = if read.as_raw_fd() < 3 {
+        // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor we own, or -1.
+        let fd = unsafe { libc::fcntl(read.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is new and ours.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    } else {
+        read
+    };
+    // A pipe holds at least 4 KiB (64 KiB on Linux): a secret of this size never blocks here.
+    if secret.len() > 4096 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a worker secret longer than 4096 bytes",
+        ));
+    }
+    io::Write::write_all(&mut std::fs::File::from(write), secret)?;
+    Ok(read)
+}
+
+/// Lets `command`'s child inherit the secret pipe's read end and tells it which descriptor that
+/// is.
+fn hand_over(command: &mut Command, secret: &OwnedFd) {
+    let fd = secret.as_raw_fd();
+    command.env(ENV_SECRET_FD, fd.to_string());
+    // SAFETY: runs in the forked child before exec; fcntl is async-signal-safe and allocates
+    // nothing. `fd` is open in the parent until the spawn has returned, so it is open here.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

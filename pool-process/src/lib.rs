@@ -39,7 +39,8 @@ mod spawner;
 pub use interpreter::Interpreter;
 #[cfg(unix)]
 pub use launch::{
-    ProcessLauncher, SpawnOptions, SpawnedWorker, DEFAULT_STDERR_DRAIN, THREAD_LIMIT_VARS,
+    ProcessLauncher, SpawnOptions, SpawnedWorker, DEFAULT_STDERR_DRAIN, ENV_SECRET_FD,
+    THREAD_LIMIT_VARS,
 };
 #[cfg(unix)]
 pub use process::WorkerProcess;

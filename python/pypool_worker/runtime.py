@@ -424,11 +424,12 @@ def _open_ipc(secret):
     if not path:
         raise UsageError("--transport ipc needs PYPOOL_IPC_PATH in the environment")
     if secret is None:
-        raise UsageError("--transport ipc needs PYPOOL_SECRET in the environment")
+        raise UsageError("--transport ipc needs the pool's secret on the descriptor named by "
+                         "PYPOOL_SECRET_FD")
     try:
         key = bytes.fromhex(secret)
     except ValueError:
-        raise UsageError("PYPOOL_SECRET is not a hex string") from None
+        raise UsageError("the pool's secret is not a hex string") from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(path)
     channel = _Channel(sock.recv_into, sock.sendmsg)
@@ -915,7 +916,8 @@ options:
   --app APP             module name (my.handlers) or path to a .py file defining handlers
   --transport {stdio,ipc}
                         stdio (default): frames on stdin/stdout; ipc: Unix socket at
-                        $PYPOOL_IPC_PATH, authenticated with $PYPOOL_SECRET
+                        $PYPOOL_IPC_PATH, authenticated with the secret on the
+                        inherited descriptor $PYPOOL_SECRET_FD
   --max-in-flight N     concurrent calls accepted (default: the app's PYPOOL_MAX_IN_FLIGHT,
                         else 1)
   --version             show program's version number and exit
@@ -1029,6 +1031,30 @@ def _max_in_flight(option, app):
     return value
 
 
+def _take_secret():
+    """The pool's secret from the inherited pipe named by PYPOOL_SECRET_FD, or None.
+
+    The pool hands secrets over on a pipe, never in the environment, because another process of
+    the same user can read a process's environment for its whole life (/proc/<pid>/environ).
+    """
+    fd = os.environ.pop("PYPOOL_SECRET_FD", None)
+    if fd is None:
+        return None
+    try:
+        fd = int(fd)
+        chunks = []
+        while True:
+            data = os.read(fd, 4096)
+            if not data:
+                break
+            chunks.append(data)
+        os.close(fd)
+        return b"".join(chunks).decode("ascii").strip()
+    except (ValueError, OSError) as exc:
+        log("cannot read the secret from PYPOOL_SECRET_FD=%r: %s" % (fd, exc))
+        return None
+
+
 def _startup_failed(channel, exc):
     error = error_info(exc)
     log("startup failed: %s: %s" % (error["type"], error["message"]))
@@ -1042,8 +1068,8 @@ def _startup_failed(channel, exc):
 
 def main(argv=None):
     parent = os.getppid()  # first thing: the parent may die while we start up
-    # Out of the environment at once, before any app code could read or inherit it.
-    secret = os.environ.pop("PYPOOL_SECRET", None)
+    # Read and closed at once, before any app code could read or inherit it.
+    secret = _take_secret()
     worker_id = os.environ.get("PYPOOL_WORKER_ID", "")
     _set_log_prefix(worker_id)
     try:

@@ -475,11 +475,16 @@ class IpcTest(unittest.TestCase):
         self.secret = os.urandom(32)
 
     def spawn(self):
-        env = wire.worker_env({"PYPOOL_IPC_PATH": self.path, "PYPOOL_SECRET": self.secret.hex()})
+        read_fd, write_fd = os.pipe()
+        os.write(write_fd, self.secret.hex().encode())
+        os.close(write_fd)
+        self.addCleanup(os.close, read_fd)
+        self.secret_fd = read_fd
+        env = wire.worker_env({"PYPOOL_IPC_PATH": self.path, "PYPOOL_SECRET_FD": str(read_fd)})
         proc = subprocess.Popen(
             [sys.executable, "-m", "pypool_worker", "--app", wire.E2E_APP, "--transport", "ipc"],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-            cwd=wire.TESTS_DIR)
+            cwd=wire.TESTS_DIR, pass_fds=(read_fd,))
 
         def reap():
             if proc.poll() is None:
@@ -524,7 +529,10 @@ class IpcTest(unittest.TestCase):
             return reply["ok"]
 
         self.assertEqual(call(1, "echo", [b"\x00\x01" * 50000]), b"\x00\x01" * 50000)
-        self.assertIsNone(call(2, "env", ["PYPOOL_SECRET"]))  # removed before the app ran
+        self.assertIsNone(call(2, "env", ["PYPOOL_SECRET_FD"]))  # removed before the app ran
+        # The secret's pipe was closed before the app ran (its number may be in use again).
+        self.assertNotEqual(call(4, "fd_inode", [self.secret_fd]),
+                            os.fstat(self.secret_fd).st_ino)
         self.assertEqual(call(3, "noisy", ["n"]), "n")
         conn.sendall(wire.frame_bytes({"type": "shutdown"}))
         self.assertEqual(reader.recv(), {"type": "goodbye"})

@@ -30,7 +30,7 @@ def worker_env(extra=None):
                                       else "")
     env["PYTHONUNBUFFERED"] = "1"
     env["PYPOOL_WORKER_ID"] = "w-test"
-    env.pop("PYPOOL_SECRET", None)
+    env.pop("PYPOOL_SECRET_FD", None)
     if extra:
         env.update(extra)
     return env

@@ -19,10 +19,6 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The environment variable that gives a worker the socket to connect to.
 pub const ENV_IPC_PATH: &str = "PYPOOL_IPC_PATH";
 
-/// The environment variable that gives a worker the pool's secret (hex). The Python runtime
-/// removes it from its environment before it imports the application.
-pub const ENV_SECRET: &str = "PYPOOL_SECRET";
-
 /// Launches Python workers that connect back to the pool over a local socket (a Unix domain
 /// socket; a named pipe on Windows) and authenticate before their handshake.
 ///
@@ -37,9 +33,10 @@ pub const ENV_SECRET: &str = "PYPOOL_SECRET";
 ///   (connected workers are not affected, launches in progress fail).
 /// * **Processes** are started by a [`pool_process::ProcessLauncher`], as every spawning
 ///   transport starts them (resolved interpreter, embedded runtime, the worker's whole process
-///   tree owned, parent-death signal, stderr tail, reaping), with `--transport ipc`. The socket path ([`ENV_IPC_PATH`]) and a per-socket
-///   secret ([`ENV_SECRET`]) go in the worker's environment, never in its argv. Its stdin and
-///   stdout are `/dev/null`.
+///   tree owned, parent-death signal, stderr tail, reaping), with `--transport ipc`. The socket
+///   path goes in the worker's environment ([`ENV_IPC_PATH`]); the per-socket secret on an
+///   inherited pipe ([`pool_process::SpawnOptions::secret`]), never in its environment or argv.
+///   Its stdin and stdout are `/dev/null`.
 /// * **Authentication first.** Every connection runs
 ///   [`challenge`](pool_core::protocol::auth::challenge) in its own task: it must answer with
 ///   the right HMAC within the [auth timeout](Self::auth_timeout) and send nothing else first.
@@ -236,7 +233,7 @@ impl IpcLauncher {
         let endpoint = self.endpoint()?;
         let options = SpawnOptions::new("ipc")
             .env(ENV_IPC_PATH, endpoint.address().to_string_lossy())
-            .env(ENV_SECRET, endpoint.secret_hex());
+            .secret(endpoint.secret_hex());
         let (process, mut expected) = {
             // While this guard lives, connections from unknown pids wait for the spawn to tell
             // its pid, instead of being taken for strangers.

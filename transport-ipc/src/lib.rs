@@ -20,8 +20,9 @@
 //! 2. The pool sends CHALLENGE with a fresh nonce; the peer must answer AUTH with the HMAC-SHA256
 //!    of the nonce under the socket's secret, within the auth timeout (default 5 s), and send
 //!    nothing else first ([`pool_core::protocol::auth::challenge`]). The secret is 32 random
-//!    bytes per socket, given to the workers in `PYPOOL_SECRET` (never in argv); the Python
-//!    runtime removes it from its environment before importing the application.
+//!    bytes per socket, handed to each worker on an inherited pipe that its runtime reads once
+//!    and closes before importing the application: it is never in a worker's environment
+//!    (`/proc/<pid>/environ`) or argv.
 //! 3. The peer's pid (again from the kernel) must be that of a worker this launcher started and
 //!    is waiting for: that is how a connection is paired with its launch.
 //!
@@ -51,6 +52,4 @@ mod endpoint;
 mod launcher;
 mod stream;
 
-pub use launcher::{
-    IpcLauncher, DEFAULT_AUTH_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, ENV_IPC_PATH, ENV_SECRET,
-};
+pub use launcher::{IpcLauncher, DEFAULT_AUTH_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, ENV_IPC_PATH};

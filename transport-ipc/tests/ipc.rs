@@ -454,19 +454,38 @@ async fn a_worker_with_the_wrong_secret_fails_its_launch_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_secret_is_not_on_the_command_line() {
+async fn the_secret_is_neither_in_argv_nor_in_the_environment() {
     let launcher = IpcLauncher::new();
     let spec = WorkerSpec::new("ipc-argv", "w0", app());
     let (channel, process) = launcher.launch_process(&spec).await.expect("launch");
     let pid = process.pid().expect("pid");
     let cmdline = cmdline(pid);
     assert!(cmdline.contains("--transport ipc"), "{cmdline}");
-    assert!(!cmdline.contains("PYPOOL_SECRET"), "{cmdline}");
-    // The secret is 64 hex digits: no argument may be that long and all hex.
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).expect("environ");
+    let environ: Vec<String> = environ
+        .split(|&b| b == 0)
+        .map(|var| String::from_utf8_lossy(var).into_owned())
+        .collect();
+    assert!(
+        environ
+            .iter()
+            .any(|var| var.starts_with("PYPOOL_IPC_PATH=")),
+        "{environ:?}"
+    );
+    // The secret is 64 hex digits: no argument and no variable may hold such a value.
+    let secret_like =
+        |value: &str| value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit());
     for arg in cmdline.split(' ') {
         assert!(
-            !(arg.len() == 64 && arg.bytes().all(|b| b.is_ascii_hexdigit())),
+            !secret_like(arg),
             "argv holds a secret-like value: {cmdline}"
+        );
+    }
+    for var in &environ {
+        let value = var.split_once('=').map_or("", |(_, value)| value);
+        assert!(
+            !secret_like(value),
+            "the environment holds a secret-like value: {var}"
         );
     }
     drop(channel);

@@ -203,6 +203,15 @@ def raise_cancelled():
 
 
 @handler
+def fd_inode(fd):
+    """What descriptor ``fd`` refers to now (its inode), or None when it is closed."""
+    try:
+        return os.fstat(fd).st_ino
+    except OSError:
+        return None
+
+
+@handler
 def env(name):
     return os.environ.get(name)
 

@@ -188,6 +188,13 @@ pub trait Launcher: Send + Sync + 'static {
     fn handshake_timeout(&self) -> Option<Duration> {
         None
     }
+    /// How long one [`launch`](Launcher::launch) may take before the pool abandons it and counts
+    /// a failed launch, if the transport wants something other than the pool's setting.
+    /// Launchers whose launch waits for a remote worker to join return `Some(Duration::MAX)`:
+    /// waiting for a peer is not a failure.
+    fn launch_timeout(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// A failed launch: what went wrong, with the worker's stderr tail when there is one.

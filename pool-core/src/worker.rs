@@ -211,6 +211,12 @@ impl WorkerConn {
         let _ = self.reader.set(task.abort_handle());
     }
 
+    /// Whether the pool has the worker's process (a local worker), so that it sees the worker's
+    /// exit from the process itself. A remote worker's disappearance shows only as silence.
+    pub(crate) fn is_local(&self) -> bool {
+        self.process.is_some()
+    }
+
     /// The worker's process id (from the process handle, or HELLO for remote workers).
     pub(crate) fn pid(&self) -> Option<u32> {
         self.process

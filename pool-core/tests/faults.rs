@@ -249,3 +249,74 @@ async fn min_ready_lets_the_pool_start_before_slow_workers() {
     assert_eq!(pool.stats().gauges.workers_starting, 2);
     finish(pool, &launcher).await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_local_worker_is_bounded_by_its_call_not_by_pings() {
+    // A handler holding the GIL cannot answer pings; a local worker's death shows as its exit.
+    let launcher = FakeLauncher::builder()
+        .answer_pings(|_| false)
+        .on("slow", |_| FakeReply::ok(json!("done")).after(20 * SEC))
+        .build();
+    let config = config(1)
+        .call_timeout(60 * SEC)
+        .ping_interval(SEC)
+        .ping_timeout(SEC)
+        .max_missed(2);
+    let pool = start(config, &launcher).await;
+    assert_eq!(value(pool.call("slow", json!(null))).await, json!("done"));
+    assert_eq!(pool.stats().counters.killed, 0);
+    finish(pool, &launcher).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_remote_worker_that_answers_pings_keeps_its_long_call() {
+    let launcher = FakeLauncher::builder()
+        .remote(true)
+        .on("slow", |_| FakeReply::ok(json!("done")).after(20 * SEC))
+        .build();
+    let config = config(1)
+        .call_timeout(60 * SEC)
+        .ping_interval(SEC)
+        .ping_timeout(SEC)
+        .max_missed(2);
+    let pool = start(config, &launcher).await;
+    assert_eq!(value(pool.call("slow", json!(null))).await, json!("done"));
+    let counters = pool.stats().counters;
+    assert_eq!((counters.killed, counters.pings_missed), (0, 0));
+    finish(pool, &launcher).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_remote_worker_that_goes_silent_fails_its_call_within_the_ping_budget() {
+    // A remote worker has no process the pool can watch: silence is the only sign it is gone.
+    let launcher = FakeLauncher::builder()
+        .remote(true)
+        .on("hang", |_| FakeReply::hang())
+        .build();
+    let config = config(1)
+        .call_timeout(600 * SEC)
+        .ping_interval(SEC)
+        .ping_timeout(SEC)
+        .max_missed(2);
+    let budget = config.ping_interval
+        + config.maintenance_interval
+        + config.max_missed
+            * (config.ping_timeout + config.ping_interval + config.maintenance_interval);
+    let pool = start(config, &launcher).await;
+    let started = Instant::now();
+    let err = pool.call("hang", json!(null)).await.unwrap_err();
+    assert!(
+        started.elapsed() <= budget,
+        "{:?} > {budget:?}",
+        started.elapsed()
+    );
+    match &err {
+        Error::WorkerCrashed { exit, .. } => {
+            assert!(exit.reason.contains("missed 2 pings"), "{err}");
+            assert_eq!(exit.exit, None, "a remote worker has no exit status");
+        }
+        other => panic!("expected WorkerCrashed, got {other}"),
+    }
+    assert_serving(&pool).await;
+    finish(pool, &launcher).await;
+}

@@ -105,6 +105,14 @@ impl FakeLauncherBuilder {
         self
     }
 
+    /// Whether launches return no process handle, as for a worker that joined from another
+    /// machine: the pool then learns of the worker's death only from its silence (missed pings)
+    /// or its closed channel. Default: local workers with a process handle.
+    pub fn remote(mut self, remote: bool) -> Self {
+        self.script.remote = remote;
+        self
+    }
+
     /// The launcher.
     pub fn build(self) -> Arc<FakeLauncher> {
         Arc::new(FakeLauncher {
@@ -224,6 +232,14 @@ impl Launcher for FakeLauncher {
             task_exit.send_if_modified(|exit| set_exit(exit, code, signal));
             mark_gone(&task_registry, pid);
         });
+        if self.script.remote {
+            // A remote worker's process is out of the pool's reach: it ends by itself once the
+            // pool drops its connection.
+            return Ok(Launched {
+                channel,
+                process: None,
+            });
+        }
         let process = FakeProcess {
             pid,
             task: task.abort_handle(),
@@ -472,8 +488,13 @@ impl FakeWorker {
                     };
                     if reply.action == Action::Hang {
                         // Like a handler stuck in C code holding the GIL: nothing is read or
-                        // answered any more, not CANCEL, PING or SHUTDOWN.
+                        // answered any more, not CANCEL, PING or SHUTDOWN. A remote one is gone
+                        // for the pool once the pool drops its connection.
                         tokio::time::sleep(reply.latency).await;
+                        if self.script.remote {
+                            peer.tx.closed().await;
+                            return -9;
+                        }
                         std::future::pending::<()>().await;
                     }
                     let cancellable = reply.cancellable;

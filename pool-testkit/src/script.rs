@@ -156,6 +156,8 @@ pub struct Script {
     pub(crate) max_in_flight: u64,
     pub(crate) answer_pings: Arc<dyn Fn(u64) -> bool + Send + Sync>,
     pub(crate) msgpack: bool,
+    /// Launches return no process handle, like a worker that joined from another machine.
+    pub(crate) remote: bool,
 }
 
 impl Default for Script {
@@ -168,6 +170,7 @@ impl Default for Script {
             max_in_flight: 1,
             answer_pings: Arc::new(|_| true),
             msgpack: true,
+            remote: false,
         };
         script.add_standard_commands();
         script

@@ -29,7 +29,21 @@ impl Shared {
         {
             let mut state = self.state.lock();
             for (seq, slot) in state.workers.iter_mut() {
-                if slot.in_flight > 0 || slot.retiring {
+                if slot.retiring {
+                    continue;
+                }
+                if slot.in_flight > 0 {
+                    // A local worker's death shows as its process's exit, and a busy one may hold
+                    // the GIL for as long as its call may run, so only its call deadline bounds
+                    // it. A remote worker's death shows only as silence, so it is pinged busy or
+                    // not (the runtime answers pings from its reader thread while handlers run).
+                    if !slot.conn.is_local()
+                        && !slot.pinging
+                        && now - slot.last_ping >= config.ping_interval
+                    {
+                        slot.pinging = true;
+                        pings.push((*seq, slot.conn.clone(), slot.calls));
+                    }
                     continue;
                 }
                 if slot.overflow && now - slot.last_used >= config.overflow_idle {
@@ -109,8 +123,8 @@ impl Shared {
             slot.missed_pings = 0;
             return;
         }
-        // A call that started meanwhile may hold the worker (and the GIL): not a missed ping.
-        if slot.calls != calls_before || slot.in_flight > 0 {
+        // A call that started meanwhile may hold a local worker (and the GIL): not a missed ping.
+        if slot.conn.is_local() && (slot.calls != calls_before || slot.in_flight > 0) {
             return;
         }
         slot.missed_pings += 1;

@@ -22,6 +22,11 @@ use crate::protocol::{self, Codec, Hello, Message, RemoteError, Welcome, PROTOCO
 /// process that closed its stdout but lives on must not linger.
 const EXIT_AFTER_EOF: Duration = Duration::from_secs(2);
 
+/// How long the reader keeps reading a worker's channel after its process exited: what the
+/// worker wrote before it died is delivered, but a descendant that holds the channel open (one
+/// that left the worker's process group) cannot delay the crash report longer than this.
+const EXIT_DRAIN: Duration = Duration::from_millis(100);
+
 /// What a pending call receives from the reader.
 #[derive(Debug)]
 pub(crate) enum Reply {
@@ -379,6 +384,17 @@ async fn read_loop(
 ) {
     // A clean end of stream lets the process exit on its own; anything else is killed at once.
     let mut clean_eof = false;
+    // The worker's exit is seen from its process, not inferred from the end of its stream: a
+    // descendant may hold the channel open after the worker died. Once it has exited, what it
+    // wrote before is still read, up to `EXIT_DRAIN`.
+    let exited = async {
+        match &process {
+            Some(process) => process.wait().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(exited);
+    let mut drain_until: Option<tokio::time::Instant> = None;
     let reason = loop {
         let received = tokio::select! {
             biased;
@@ -386,12 +402,24 @@ async fn read_loop(
                 break routing.kill_reason.lock().take().unwrap_or_else(|| "was killed".into());
             }
             received = receiver.recv() => received,
+            _ = &mut exited, if drain_until.is_none() => {
+                drain_until = Some(tokio::time::Instant::now() + EXIT_DRAIN);
+                continue;
+            }
+            _ = sleep_until_some(drain_until) => {
+                clean_eof = true;
+                break "exited".to_owned();
+            }
         };
         let frame = match received {
             Ok(Some(frame)) => frame,
             Ok(None) => {
                 clean_eof = true;
-                break "closed its channel".to_owned();
+                break if drain_until.is_some() {
+                    "exited".to_owned()
+                } else {
+                    "closed its channel".to_owned()
+                };
             }
             Err(err) => break format!("channel failed: {err}"),
         };
@@ -450,6 +478,14 @@ async fn read_loop(
     on_exit(report.clone());
     for (_, tx) in pending {
         let _ = tx.send(Reply::Dead(report.clone()));
+    }
+}
+
+/// Sleeps until `deadline`, or forever when there is none.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -91,11 +91,19 @@ impl Control {
         signal_group(self.pid, signal);
     }
 
-    /// `try_wait` under the lock; marks the child reaped when it has exited.
+    /// Reaps the child if it has exited, under the lock; marks it reaped.
+    ///
+    /// Before reaping, whatever is left of the child's process group is killed: descendants
+    /// the worker started (a `Popen` child, an `os.fork` child, one that ignores SIGTERM) die
+    /// with it on every exit path. This has to happen between the exit and the reap, because
+    /// only the unreaped (zombie) leader keeps its pid, and so the group id, from being reused.
     fn try_reap(&self, child: &mut Child) -> io::Result<Option<ExitStatus>> {
         let mut reaped = self.reaped.lock();
         if *reaped {
             return Ok(None);
+        }
+        if has_exited(self.pid) {
+            signal_group(self.pid, SIGKILL);
         }
         let status = child.try_wait();
         match &status {
@@ -111,6 +119,26 @@ impl Control {
     fn is_reaped(&self) -> bool {
         *self.reaped.lock()
     }
+}
+
+/// Whether the child `pid` has exited, without reaping it (`waitid` with `WNOWAIT`). An error
+/// (ECHILD: someone else reaped it) counts as exited; the reap that follows then says so.
+fn has_exited(pid: u32) -> bool {
+    let id: libc::id_t = pid;
+    // SAFETY: an all-zero siginfo_t is a valid value of this plain C struct.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid writes into `info`, which outlives the call. WNOWAIT leaves the child
+    // waitable, so the reap below still sees its status.
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            id,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    // SAFETY: si_pid is set by a successful waitid (0 when no child has changed state).
+    rc != 0 || unsafe { info.si_pid() } != 0
 }
 
 fn signal_group(pid: u32, signal: i32) {

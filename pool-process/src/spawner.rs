@@ -1,7 +1,8 @@
 //! The one long-lived thread that spawns every worker process.
 //!
-//! Why a dedicated thread: on Linux a worker asks the kernel (`PR_SET_PDEATHSIG`) to SIGKILL it
-//! when its parent dies, so that a pool killed with SIGKILL leaves no orphans. But "parent" there
+//! Why a dedicated thread: on Linux a worker asks the kernel (`PR_SET_PDEATHSIG`) to send it
+//! SIGHUP when its parent dies (the runtime then kills its whole process group), so that a pool
+//! killed with SIGKILL leaves no orphans. But "parent" there
 //! means the *thread* that forked the child, not the process: the signal fires as soon as that
 //! thread exits. Tokio's blocking-pool threads exit after being idle for a while, and runtime
 //! worker threads exit when their runtime shuts down, so a worker spawned from one of them would
@@ -111,9 +112,12 @@ fn isolate(command: &mut Command) {
         // async-signal-safe syscalls (prctl, getppid); it allocates nothing.
         unsafe {
             command.pre_exec(move || {
+                // SIGHUP, not SIGKILL: the runtime answers it by killing its whole process
+                // group, so that what the worker started dies with it. Before the runtime has
+                // installed its handler, SIGHUP's default action ends the worker just the same.
                 if libc::prctl(
                     libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
+                    libc::SIGHUP as libc::c_ulong,
                     0 as libc::c_ulong,
                     0 as libc::c_ulong,
                     0 as libc::c_ulong,

@@ -91,3 +91,67 @@ def stderr_then_exit(code, line):
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
     os._exit(code)
+
+
+# ---- descendants, for the process-tree suite (pool_testkit::tree) ---------------------------
+
+_CHILDREN = []  # Popen objects kept alive, so their pipes stay open
+
+
+def _python_child(setup):
+    """A Python child that runs ``setup``, says so on its stdout and sleeps for five minutes;
+    returned once it has said so (so it is set up, e.g. ignoring SIGTERM, before the pool does
+    anything to it)."""
+    import subprocess
+
+    code = setup + "\nprint('up', flush=True)\nimport time\ntime.sleep(300)\n"
+    child = subprocess.Popen([sys.executable, "-c", code],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    if child.stdout.readline().strip() != b"up":
+        raise RuntimeError("child %d did not start" % child.pid)
+    _CHILDREN.append(child)
+    return child.pid
+
+
+@handler
+def spawn_child(kind):
+    """Start a descendant that would live for five minutes and return its pid.
+
+    * ``popen``: a subprocess (``subprocess.Popen``);
+    * ``fork``: a forked copy of this worker, holding every descriptor it holds (the frame
+      channel and stderr included), as multiprocessing's fork mode makes them;
+    * ``ignore_term``: a subprocess that ignores SIGTERM;
+    * ``setsid``: a forked copy that leaves the worker's process group and session, as a daemon
+      does. It escapes the group kill; the tree suite uses it to show that such an escapee
+      cannot delay the report of its worker's death.
+    """
+    if kind == "popen":
+        return _python_child("")
+    if kind == "fork":
+        child = os.fork()
+        if child == 0:
+            try:
+                time.sleep(300)
+            finally:
+                os._exit(0)
+        return child
+    if kind == "ignore_term":
+        return _python_child("import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)")
+    if kind == "setsid":
+        # Leaves the worker's process group (a daemon would), still holding its descriptors.
+        child = os.fork()
+        if child == 0:
+            try:
+                os.setsid()
+                time.sleep(300)
+            finally:
+                os._exit(0)
+        return child
+    raise ValueError("unknown child kind %r" % (kind,))
+
+
+@handler
+def started_then_block(seconds):
+    """Stream one item once the call runs, then block: the caller knows the call is in flight."""
+    yield "started"
+    time.sleep(seconds)

@@ -7,6 +7,8 @@
 //! * [`conformance`] is the transport conformance suite: every transport crate runs it against
 //!   its own launcher with real Python workers.
 //!
+//! * [`tree`] (Linux) is the process-tree suite: every transport that spawns local workers proves
+//!   with it that whatever a worker starts dies with the worker, on every way a worker ends.
 //! * [`bench`] holds what the transport benches share.
 //!
 //! Fakes are for pool logic. Transports are tested with real processes.
@@ -17,6 +19,8 @@ mod channel;
 pub mod conformance;
 mod fake;
 mod script;
+#[cfg(target_os = "linux")]
+pub mod tree;
 
 pub use channel::{memory_channel, PeerEnd};
 pub use fake::{FakeLauncher, FakeLauncherBuilder, FakeTarget};

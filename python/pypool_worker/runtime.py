@@ -372,7 +372,7 @@ class _Channel:
                 protocol.write_all(self._writev, parts)
         except OSError as exc:
             # The pool closed its end: nobody is left to answer, which is the EOF case.
-            _exit(EXIT_OK, "channel closed while writing (%s), exiting" % exc)
+            _take_down_group("channel closed while writing (%s), exiting" % exc)
 
     def send(self, header):
         self.write(self.encode(header))
@@ -597,7 +597,7 @@ class Worker:
             while True:
                 msg = recv()
                 if msg is None:
-                    _exit(EXIT_OK, "channel closed, exiting")
+                    _take_down_group("channel closed, exiting")
                 dispatch(msg)
         except ProtocolError as exc:
             _exit(EXIT_PROTOCOL, "protocol error: %s" % exc)
@@ -864,14 +864,44 @@ class Worker:
 # Process plumbing: exit on SIGTERM and on parent death
 
 
-def _install_sigterm_exit():
-    """Exit 0 promptly on SIGTERM, whatever thread the kernel delivers it to.
+def _take_down_group(reason):
+    """End this worker and everything it started: the pool is gone or done with this worker.
+
+    Used when the pool's process died (SIGHUP, the parent-death signal; a new parent) and when
+    the pool closed the channel, which it does only once it no longer wants this worker or
+    when it died (the end of the channel may even be seen before the death signal). Then nobody
+    will kill what this worker started, so it does: a worker the pool spawned leads its own
+    process group, and whatever a handler starts joins that group unless it leaves on purpose;
+    killing the group takes the whole tree down at once, this process with it. A worker started
+    by hand (a remote worker run from a shell) does not lead its group, which it shares with
+    others, so it only exits.
+    """
+    log(reason)
+    try:
+        if os.getpgid(0) == os.getpid():
+            os.killpg(os.getpid(), signal.SIGKILL)
+    except OSError:
+        pass
+    _exit(EXIT_OK)
+
+
+def _install_signal_exits():
+    """Exit promptly on SIGTERM, and take the process group down on SIGHUP, from any thread.
+
+    The pool arms SIGHUP as this process's parent-death signal (PR_SET_PDEATHSIG on Linux): it
+    arrives when the pool's process dies, even by SIGKILL, and then nothing this worker started
+    may outlive it. SIGTERM is the pool asking this worker to stop; the pool kills what is left of
+    the group itself once this process has exited.
 
     A Python signal handler only runs when the main thread executes bytecode, which may not
     happen soon while it sits in a blocking read. The C-level handler also writes the signal
-    number to the wakeup fd from any thread, so a watcher thread reading it exits at once.
+    number to the wakeup fd from any thread, so a watcher thread reading it acts at once.
     """
     signal.signal(signal.SIGTERM, lambda signum, frame: _exit(EXIT_OK, "SIGTERM, exiting"))
+    hangup = getattr(signal, "SIGHUP", None)  # POSIX only
+    if hangup is not None:
+        signal.signal(hangup,
+                      lambda signum, frame: _take_down_group("SIGHUP: the pool is gone, exiting"))
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
@@ -879,6 +909,8 @@ def _install_sigterm_exit():
     def watch():
         while True:
             data = os.read(read_fd, 64)
+            if hangup is not None and hangup in data:
+                _take_down_group("SIGHUP: the pool is gone, exiting")
             if not data or signal.SIGTERM in data:
                 _exit(EXIT_OK, "SIGTERM, exiting")
 
@@ -886,18 +918,19 @@ def _install_sigterm_exit():
 
 
 def _watch_parent(ppid):
-    """Exit when the process that started this worker is gone (re-parenting changes getppid).
+    """Take the process group down when the process that started this worker is gone
+    (re-parenting changes getppid).
 
-    This backs up PR_SET_PDEATHSIG on the pool side, which fires when the spawning *thread*
-    exits and does not exist off Linux. It cannot notice a parent that died before main() read
-    getppid; the pool's pre-exec checks cover that window.
+    This backs up the parent-death signal, which fires when the spawning *thread* exits, does
+    not exist off Linux, and may be overridden by an app's own SIGHUP handler. It cannot notice a
+    parent that died before main() read getppid; the pool's pre-exec checks cover that window.
     """
 
     def watch():
         while True:
             time.sleep(PARENT_POLL_SECONDS)
             if os.getppid() != ppid:
-                _exit(EXIT_OK, "parent process %d went away, exiting" % ppid)
+                _take_down_group("parent process %d went away, exiting" % ppid)
 
     threading.Thread(target=watch, name="pypool-parent-watch", daemon=True).start()
 
@@ -1076,7 +1109,7 @@ def main(argv=None):
         faulthandler.enable()  # a crash in C code still leaves a Python traceback on stderr
     except (RuntimeError, ValueError, OSError):  # no usable stderr: nothing to write to anyway
         pass
-    _install_sigterm_exit()
+    _install_signal_exits()
     _watch_parent(parent)
 
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -226,6 +226,21 @@ impl ProcessLauncher {
         spec: &WorkerSpec,
         options: &SpawnOptions,
     ) -> Result<SpawnedWorker, LaunchError> {
+        self.spawn_with(spec, options, |_| {}).await
+    }
+
+    /// [`spawn`](Self::spawn), calling `on_spawned` with the new worker's pid as soon as the
+    /// process exists and **before** it is handed its [secret](SpawnOptions::secret).
+    ///
+    /// The runtime reads its secret before it does anything else with it, so a transport that
+    /// pairs connections with launches by the peer's pid can register the pid here and know that
+    /// no connection from this worker can arrive before it: any unregistered peer is a stranger.
+    pub async fn spawn_with(
+        &self,
+        spec: &WorkerSpec,
+        options: &SpawnOptions,
+        on_spawned: impl FnOnce(u32) + Send,
+    ) -> Result<SpawnedWorker, LaunchError> {
         let interpreter = self.interpreter(spec).await?;
         let runtime_dir = if interpreter.has_matching_runtime() {
             None
@@ -235,18 +250,21 @@ impl ProcessLauncher {
             Some(dir)
         };
         let secret = match &options.secret {
-            Some(secret) => Some(secret_pipe(secret.as_bytes()).map_err(|err| {
+            Some(secret) => Some(SecretPipe::new(secret.as_bytes()).map_err(|err| {
                 LaunchError::new(format!(
                     "cannot make the pipe for the worker's secret: {err}"
                 ))
             })?),
             None => None,
         };
-        let command = self.command(spec, options, &interpreter, runtime_dir, secret.as_ref())?;
-        let spawned = spawner::spawn(command).await;
-        // The child has its own copy now (or never will): close ours.
-        drop(secret);
-        let mut child = spawned.map_err(|err| {
+        let command = self.command(
+            spec,
+            options,
+            &interpreter,
+            runtime_dir,
+            secret.as_ref().map(|pipe| &pipe.read),
+        )?;
+        let mut child = spawner::spawn(command).await.map_err(|err| {
             LaunchError::new(format!(
                 "cannot start worker {} of pool {}: `{}`: {err}",
                 spec.worker_id,
@@ -254,6 +272,18 @@ impl ProcessLauncher {
                 interpreter.executable.display()
             ))
         })?;
+        if let Some(pid) = child.id() {
+            on_spawned(pid);
+        }
+        if let Some(secret) = secret {
+            // The child has its own copy of the read end; the secret follows, then end-of-file.
+            secret.hand_over().map_err(|err| {
+                LaunchError::new(format!(
+                    "cannot hand worker {} its secret: {err}",
+                    spec.worker_id
+                ))
+            })?;
+        }
         let stdin = child.stdin.take();
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
@@ -377,49 +407,72 @@ impl std::fmt::Debug for SpawnOptions {
 /// ([`SpawnOptions::secret`]).
 pub const ENV_SECRET_FD: &str = "PYPOOL_SECRET_FD";
 
-/// A pipe whose read end holds `secret` followed by end-of-file. Returns the read end
-/// (close-on-exec, numbered 3 or above so the child's stdio set-up cannot overwrite it).
-fn secret_pipe(secret: &[u8]) -> io::Result<OwnedFd> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 writes two descriptors into `fds`, which outlives the call.
-    #[cfg(target_os = "linux")]
-    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
-    // SAFETY: as above. Without pipe2 there is a short window in which a fork elsewhere in the
-    // process could inherit the descriptors; the secret goes in only after both are marked.
-    #[cfg(not(target_os = "linux"))]
-    let rc = unsafe { libc::pipe(fds.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both descriptors were just created and are owned by nobody else.
-    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    #[cfg(not(target_os = "linux"))]
-    for fd in [&read, &write] {
-        // SAFETY: fcntl on a descriptor we own.
-        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+/// A close-on-exec pipe that carries a worker's secret: the child inherits the read end (numbered
+/// 3 or above, so the child's stdio set-up cannot overwrite it); the secret goes into the write
+/// end only after the child exists.
+struct SecretPipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    secret: Vec<u8>,
+}
+
+impl SecretPipe {
+    fn new(secret: &[u8]) -> io::Result<SecretPipe> {
+        // A pipe holds at least 4 KiB (64 KiB on Linux): a secret of this size never blocks.
+        if secret.len() > 4096 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a worker secret longer than 4096 bytes",
+            ));
+        }
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two descriptors into `fds`, which outlives the call.
+        #[cfg(target_os = "linux")]
+        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+        // SAFETY: as above. Without pipe2 there is a short window in which a fork elsewhere in
+        // the process could inherit the descriptors; the secret goes in only after both are
+        // marked close-on-exec.
+        #[cfg(not(target_os = "linux"))]
+        let rc = unsafe { libc::pipe(fds.as_mut_ptr()) };
+        if rc != 0 {
             return Err(io::Error::last_os_error());
         }
-    }
-    let read = if read.as_raw_fd() < 3 {
-        // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor we own, or -1.
-        let fd = unsafe { libc::fcntl(read.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
+        // SAFETY: both descriptors were just created and are owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        #[cfg(not(target_os = "linux"))]
+        for fd in [&read, &write] {
+            // SAFETY: fcntl on a descriptor we own.
+            if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
         }
-        // SAFETY: `fd` is new and ours.
-        unsafe { OwnedFd::from_raw_fd(fd) }
-    } else {
-        read
-    };
-    // A pipe holds at least 4 KiB (64 KiB on Linux): a secret of this size never blocks here.
-    if secret.len() > 4096 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "a worker secret longer than 4096 bytes",
-        ));
+        let read = if read.as_raw_fd() < 3 {
+            // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor we own, or -1.
+            let fd = unsafe { libc::fcntl(read.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: `fd` is new and ours.
+            unsafe { OwnedFd::from_raw_fd(fd) }
+        } else {
+            read
+        };
+        Ok(SecretPipe {
+            read,
+            write,
+            secret: secret.to_vec(),
+        })
     }
-    io::Write::write_all(&mut std::fs::File::from(write), secret)?;
-    Ok(read)
+
+    /// Writes the secret and closes our ends: the worker reads it, then end-of-file.
+    ///
+    /// Written while we still hold the read end, so the write cannot meet a pipe without readers
+    /// (EPIPE, or SIGPIPE in a program that does not ignore it) even if the worker already died.
+    fn hand_over(self) -> io::Result<()> {
+        let written = io::Write::write_all(&mut std::fs::File::from(self.write), &self.secret);
+        drop(self.read);
+        written
+    }
 }
 
 /// Lets `command`'s child inherit the secret pipe's read end and tells it which descriptor that

@@ -2,11 +2,11 @@
 //! connection, and pairing an authenticated connection with the launch that is waiting for it.
 //!
 //! Pairing is by process id. A launch registers the pid of the worker it started
-//! ([`Endpoint::expect`]) and waits; a connection's pid comes from the kernel (`SO_PEERCRED`), so
-//! a connection can only ever be handed to the launch of the process that made it. A worker may
-//! connect before its launch has learnt its pid (the spawn call has not returned yet), so while a
-//! spawn is in progress ([`Endpoint::spawning`]) a connection from an unknown pid waits for it
-//! instead of being turned away.
+//! ([`Endpoint::expect`]) before the worker is handed its secret, and the worker cannot connect
+//! before it has its secret; so a connection's pid (from the kernel, `SO_PEERCRED`) is either a
+//! registered launch or a stranger. Strangers are closed at once, before any challenge: they
+//! cost an accept and a close, never a descriptor held for the auth timeout, so a flood of them
+//! cannot exhaust the pool's descriptors or delay a worker's connection.
 
 use std::collections::HashMap;
 use std::io;
@@ -19,7 +19,7 @@ use interprocess::local_socket::tokio::{Listener, Stream};
 use parking_lot::Mutex;
 use pool_core::protocol::auth::{self, Secret};
 use pool_core::Channel;
-use tokio::sync::{oneshot, watch, Notify};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -27,14 +27,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::stream::SharedStream;
 
-/// The largest frame a connection may send before the pool knows it is one of its workers: an
-/// AUTH message is about a hundred bytes. Keeps a stranger from making the pool reserve a large
-/// buffer by announcing a large frame.
-pub(crate) const AUTH_MAX_FRAME: usize = 64 * 1024;
-
 /// How long the accept loop pauses after a failed accept (a full descriptor table, say), so that
 /// a persistent error does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// At most one log line per this interval about rejected strangers (with the count).
+const REJECTION_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The outcome of a connection, as the waiting launch receives it.
 pub(crate) type Delivery = Result<Channel, String>;
@@ -53,19 +51,15 @@ struct Shared {
     /// Where we listen, for log messages.
     label: String,
     pairing: Mutex<Pairing>,
-    /// Signalled whenever a spawn finishes (so waiting connections look again).
-    spawned: Notify,
     stop: CancellationToken,
     /// The connection tasks, so that shutting down can wait for them.
     connections: TaskTracker,
-    /// How many connections wait in [`Shared::claim`] for a spawn to finish (for tests).
-    parked: watch::Sender<usize>,
+    /// Strangers turned away, logged at most once per [`REJECTION_LOG_INTERVAL`].
+    rejections: Mutex<Rejections>,
 }
 
 #[derive(Default)]
 struct Pairing {
-    /// Spawns in progress: their pids are not known yet.
-    spawning: usize,
     /// Launched workers waiting for their connection, by pid.
     waiting: HashMap<u32, Waiting>,
     /// Set once the endpoint is closed: nothing is registered any more.
@@ -77,6 +71,13 @@ struct Waiting {
     /// A connection from this pid has been accepted and is being authenticated.
     connected: bool,
     tx: Option<oneshot::Sender<Delivery>>,
+}
+
+/// Rejected strangers since the last log line. A flood must not become a flood of log lines.
+#[derive(Default)]
+struct Rejections {
+    last_logged: Option<Instant>,
+    unlogged: u64,
 }
 
 /// Where the socket lives on this platform.
@@ -107,10 +108,9 @@ impl Endpoint {
             auth_timeout: options.auth_timeout,
             label: place.address.display().to_string(),
             pairing: Mutex::new(Pairing::default()),
-            spawned: Notify::new(),
             stop: CancellationToken::new(),
             connections: TaskTracker::new(),
-            parked: watch::channel(0).0,
+            rejections: Mutex::new(Rejections::default()),
         });
         let accept_task = runtime.spawn(accept_loop(listener, Arc::clone(&shared)));
         tracing::debug!(target: "pypool::ipc", socket = %shared.label, "listening");
@@ -143,16 +143,9 @@ impl Endpoint {
         }
     }
 
-    /// Marks a spawn as in progress until the guard is dropped. Register the new pid with
-    /// [`expect`](Self::expect) before dropping the guard.
-    pub(crate) fn spawning(self: &Arc<Self>) -> SpawnGuard {
-        self.shared.pairing.lock().spawning += 1;
-        SpawnGuard {
-            shared: Arc::clone(&self.shared),
-        }
-    }
-
-    /// Registers a launched worker's pid; the returned handle receives its connection.
+    /// Registers a launched worker's pid; the returned handle receives its connection. Call it
+    /// before the worker can connect (before it has its secret): until then its connections are
+    /// strangers'.
     pub(crate) fn expect(self: &Arc<Self>, pid: u32, max_frame: usize) -> Expected {
         let (tx, rx) = oneshot::channel();
         let mut pairing = self.shared.pairing.lock();
@@ -215,20 +208,6 @@ impl Drop for Endpoint {
     }
 }
 
-/// See [`Endpoint::spawning`].
-pub(crate) struct SpawnGuard {
-    shared: Arc<Shared>,
-}
-
-impl Drop for SpawnGuard {
-    fn drop(&mut self) {
-        let mut pairing = self.shared.pairing.lock();
-        pairing.spawning = pairing.spawning.saturating_sub(1);
-        drop(pairing);
-        self.shared.spawned.notify_waiters();
-    }
-}
-
 /// A launch's claim on the connection from its worker's pid; unregisters on drop.
 pub(crate) struct Expected {
     shared: Arc<Shared>,
@@ -264,36 +243,19 @@ impl Drop for Expected {
 }
 
 impl Shared {
-    /// The frame limit for a connection from `pid`: its launch's when `pid` is a worker being
-    /// launched (marking it connected), `None` for a stranger. Waits while spawns are in
-    /// progress, since `pid` may be one of them.
-    async fn claim(&self, pid: Option<u32>) -> Option<usize> {
+    /// The frame limit for a connection from `pid` when `pid` is a worker being launched (marking
+    /// it connected); `None` for a stranger.
+    fn claim(&self, pid: Option<u32>) -> Option<usize> {
         let pid = pid?;
-        loop {
-            let notified = self.spawned.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            {
-                let mut pairing = self.pairing.lock();
-                if let Some(waiting) = pairing.waiting.get_mut(&pid) {
-                    waiting.connected = true;
-                    return Some(waiting.max_frame);
-                }
-                if pairing.spawning == 0 || pairing.closed {
-                    return None;
-                }
-            }
-            let _parked = Parked::new(&self.parked);
-            notified.await;
-        }
+        let mut pairing = self.pairing.lock();
+        let waiting = pairing.waiting.get_mut(&pid)?;
+        waiting.connected = true;
+        Some(waiting.max_frame)
     }
 
     /// Hands an outcome to the launch waiting for `pid`. Returns the delivery back when no
     /// launch takes it.
-    fn deliver(&self, pid: Option<u32>, delivery: Delivery) -> Result<(), Delivery> {
-        let Some(pid) = pid else {
-            return Err(delivery);
-        };
+    fn deliver(&self, pid: u32, delivery: Delivery) -> Result<(), Delivery> {
         let tx = self
             .pairing
             .lock()
@@ -307,22 +269,6 @@ impl Shared {
     }
 }
 
-/// Counts a connection waiting in [`Shared::claim`] while it lives.
-struct Parked<'a>(&'a watch::Sender<usize>);
-
-impl<'a> Parked<'a> {
-    fn new(parked: &'a watch::Sender<usize>) -> Self {
-        parked.send_modify(|n| *n += 1);
-        Parked(parked)
-    }
-}
-
-impl Drop for Parked<'_> {
-    fn drop(&mut self) {
-        self.0.send_modify(|n| *n = n.saturating_sub(1));
-    }
-}
-
 async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
     loop {
         let accepted = tokio::select! {
@@ -331,14 +277,19 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         };
         match accepted {
             Ok(stream) => {
-                // Each connection is authenticated in its own task: a slow or silent peer holds
-                // up nobody else.
+                // A stranger is turned away right here: it costs an accept and a close, never a
+                // task or a descriptor kept for longer, however many of them come.
+                let Some((pid, max_frame)) = admit(&stream, &shared) else {
+                    continue;
+                };
+                // A launched worker is authenticated in its own task: a slow one holds up
+                // nobody else.
                 let task_shared = Arc::clone(&shared);
                 shared.connections.spawn(async move {
                     let shared = task_shared;
                     tokio::select! {
                         _ = shared.stop.cancelled() => {}
-                        _ = serve_connection(stream, &shared) => {}
+                        _ = authenticate(stream, pid, max_frame, &shared) => {}
                     }
                 });
             }
@@ -358,48 +309,72 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
     }
 }
 
-/// Checks the peer, authenticates it and hands it to its launch; anything else closes it.
-async fn serve_connection(stream: Stream, shared: &Shared) {
-    let pid = match peer_pid(&stream) {
+/// The pid and frame limit of a connection from a worker being launched; `None` (the connection
+/// is then dropped, which closes it) for anyone else.
+fn admit(stream: &Stream, shared: &Shared) -> Option<(u32, usize)> {
+    let pid = match peer_pid(stream) {
         Ok(pid) => pid,
         Err(reason) => {
-            reject(shared, None, &reason);
-            return;
+            reject_stranger(shared, None, &reason);
+            return None;
         }
     };
-    let deadline = Instant::now() + shared.auth_timeout;
-    let Ok(max_frame) = tokio::time::timeout_at(deadline, shared.claim(pid)).await else {
-        reject(
-            shared,
-            pid,
-            &format!("no AUTH answer within {:?}", shared.auth_timeout),
-        );
-        return;
-    };
-    let mut channel = SharedStream::new(stream).into_channel(max_frame.unwrap_or(AUTH_MAX_FRAME));
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    if let Err(err) = auth::challenge(&mut channel, &shared.secret, remaining).await {
+    match shared.claim(pid) {
+        Some(max_frame) => pid.map(|pid| (pid, max_frame)),
+        None => {
+            reject_stranger(shared, pid, "not a process this pool is launching");
+            None
+        }
+    }
+}
+
+/// Authenticates a launched worker's connection and hands it to its launch.
+async fn authenticate(stream: Stream, pid: u32, max_frame: usize, shared: &Shared) {
+    let mut channel = SharedStream::new(stream).into_channel(max_frame);
+    if let Err(err) = auth::challenge(&mut channel, &shared.secret, shared.auth_timeout).await {
         let reason = format!("authentication failed: {err}");
-        reject(shared, pid, &reason);
+        tracing::warn!(
+            target: "pypool::ipc",
+            socket = %shared.label,
+            peer_pid = pid,
+            "rejected a worker's connection: {reason}"
+        );
         // A worker we launched that cannot authenticate will not do better later: fail its
         // launch now rather than at its connect timeout.
         let _ = shared.deliver(pid, Err(reason));
         return;
     }
     if shared.deliver(pid, Ok(channel)).is_err() {
-        reject(
-            shared,
-            pid,
-            "authenticated, but its process is not a worker this pool is launching",
+        // Its launch gave up (timed out, or the pool is stopping) while it authenticated.
+        tracing::debug!(
+            target: "pypool::ipc",
+            socket = %shared.label,
+            peer_pid = pid,
+            "closed an authenticated connection nobody waits for any more"
         );
     }
 }
 
-fn reject(shared: &Shared, pid: Option<u32>, reason: &str) {
+/// Logs a turned-away stranger: the first at once, then at most one line (with a count) per
+/// [`REJECTION_LOG_INTERVAL`].
+fn reject_stranger(shared: &Shared, pid: Option<u32>, reason: &str) {
+    let now = Instant::now();
+    let mut rejections = shared.rejections.lock();
+    let due = rejections
+        .last_logged
+        .is_none_or(|last| now.duration_since(last) >= REJECTION_LOG_INTERVAL);
+    if !due {
+        rejections.unlogged += 1;
+        return;
+    }
+    let earlier = std::mem::take(&mut rejections.unlogged);
+    rejections.last_logged = Some(now);
+    drop(rejections);
     tracing::warn!(
         target: "pypool::ipc",
         socket = %shared.label,
         peer_pid = ?pid,
+        rejected_since_last_report = earlier,
         "rejected a connection: {reason}"
     );
 }
@@ -441,6 +416,78 @@ mod platform {
 
     /// The socket's file name inside its private directory.
     const SOCKET_NAME: &str = "pool.sock";
+
+    /// The private directory's name: this prefix, the owner's pid, `-`, 16 hex digits.
+    const DIR_PREFIX: &str = "pypool-ipc-";
+
+    /// Removes the socket directories that runs of this user which died without cleaning up
+    /// (SIGKILLed, say) left in `base`. A directory goes only if everything says it is stale:
+    /// its name is ours (`pypool-ipc-<pid>-<16 hex digits>`), it is a real directory owned by
+    /// our uid, its owner pid is not a live process, it holds nothing but `pool.sock`, and
+    /// nothing listens on that socket any more (a pool in another pid namespace sharing this
+    /// directory would still answer). Errors only leave a directory where it is.
+    fn sweep_stale(base: &Path) {
+        use std::os::unix::fs::MetadataExt;
+
+        let Ok(entries) = fs::read_dir(base) else {
+            return;
+        };
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let uid = unsafe { libc::geteuid() };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(owner) = name.to_str().and_then(stale_owner) else {
+                continue;
+            };
+            if owner == std::process::id() || process_alive(owner) {
+                continue;
+            }
+            let dir = entry.path();
+            match fs::symlink_metadata(&dir) {
+                Ok(meta) if meta.is_dir() && meta.uid() == uid => {}
+                _ => continue,
+            }
+            let Ok(inside) = fs::read_dir(&dir) else {
+                continue;
+            };
+            if inside
+                .map(|entry| entry.map(|entry| entry.file_name()))
+                .any(|name| name.map_or(true, |name| name != SOCKET_NAME))
+            {
+                continue;
+            }
+            let socket = dir.join(SOCKET_NAME);
+            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                continue;
+            }
+            let _ = fs::remove_file(&socket);
+            if fs::remove_dir(&dir).is_ok() {
+                tracing::info!(
+                    target: "pypool::ipc",
+                    path = %dir.display(),
+                    owner_pid = owner,
+                    "removed the socket directory of a pool that died without cleaning up"
+                );
+            }
+        }
+    }
+
+    /// The owner pid in a directory name `pypool-ipc-<pid>-<16 hex digits>`.
+    fn stale_owner(name: &str) -> Option<u32> {
+        let (pid, random) = name.strip_prefix(DIR_PREFIX)?.split_once('-')?;
+        let hex = random.len() == 16 && random.bytes().all(|b| b.is_ascii_hexdigit());
+        hex.then(|| pid.parse().ok()).flatten()
+    }
+
+    /// Whether a process with this pid exists (possibly another user's).
+    fn process_alive(pid: u32) -> bool {
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            return false;
+        };
+        // SAFETY: signal 0 only checks that the process exists and may be signalled.
+        let rc = unsafe { libc::kill(pid, 0) };
+        rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
 
     /// The longest path a Unix socket address holds (`sun_path` is 108 bytes on Linux, 104 on
     /// the BSDs and macOS, including the terminating NUL).
@@ -491,8 +538,9 @@ mod platform {
     }
 
     fn listen_in(base: &Path) -> io::Result<(Listener, Place)> {
+        sweep_stale(base);
         let dir = base.join(format!(
-            "pypool-ipc-{}-{:016x}",
+            "{DIR_PREFIX}{}-{:016x}",
             std::process::id(),
             rand::random::<u64>()
         ));
@@ -680,37 +728,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_connection_waits_for_a_spawn_in_progress() {
+    async fn a_stranger_is_closed_before_any_challenge() {
         let dir = tempfile::tempdir().expect("tempdir");
         let endpoint = bind(dir.path(), STEP);
-        let mut parked = endpoint.shared.parked.subscribe();
-        let spawning = endpoint.spawning();
-        let key = endpoint.shared.secret.as_bytes().to_vec();
-        let address = endpoint.address().to_path_buf();
-        // The "worker" connects before its launch knows its pid.
-        let client = tokio::spawn(async move { answer_challenge(&address, &key).await });
-        tokio::time::timeout(STEP, parked.wait_for(|n| *n == 1))
+        // Nobody is launching this process: it gets no challenge to answer, only the close.
+        let stream = UnixStream::connect(endpoint.address())
             .await
-            .expect("the connection did not wait for the spawn")
-            .expect("watch");
-        let mut expected = endpoint.expect(std::process::id(), 1 << 20);
-        drop(spawning);
-        tokio::time::timeout(STEP, expected.connection())
-            .await
-            .expect("no connection in time")
-            .expect("the connection is paired once the spawn registered its pid");
-        drop(client.await.expect("client"));
-        assert_eq!(*parked.borrow(), 0);
-        endpoint.shut_down().await;
-    }
-
-    #[tokio::test]
-    async fn a_stranger_with_the_secret_is_still_rejected() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let endpoint = bind(dir.path(), STEP);
-        let key = endpoint.shared.secret.as_bytes().to_vec();
-        // Nobody is launching this process: knowing the secret is not enough.
-        let mut channel = answer_challenge(endpoint.address(), &key).await;
+            .expect("connect");
+        let (read, write) = stream.into_split();
+        let mut channel = channel_from_io(read, write, 1 << 20);
         assert_closed(&mut channel).await;
         endpoint.shut_down().await;
     }

@@ -234,17 +234,18 @@ impl IpcLauncher {
         let options = SpawnOptions::new("ipc")
             .env(ENV_IPC_PATH, endpoint.address().to_string_lossy())
             .secret(endpoint.secret_hex());
-        let (process, mut expected) = {
-            // While this guard lives, connections from unknown pids wait for the spawn to tell
-            // its pid, instead of being taken for strangers.
-            let _spawning = endpoint.spawning();
-            let worker = self.processes.spawn(spec, &options).await?;
-            let pid = worker
-                .process
-                .pid()
-                .ok_or_else(|| LaunchError::new("the worker process has no pid"))?;
-            let expected = endpoint.expect(pid, spec.max_frame);
-            (worker.process, expected)
+        // The pid is registered before the worker gets its secret, without which it cannot
+        // connect: any connection from a pid not registered is a stranger's.
+        let mut expected = None;
+        let worker = self
+            .processes
+            .spawn_with(spec, &options, |pid| {
+                expected = Some(endpoint.expect(pid, spec.max_frame));
+            })
+            .await?;
+        let process = worker.process;
+        let Some(mut expected) = expected else {
+            return Err(fail(process, "the worker process has no pid".to_owned()).await);
         };
         let deadline = tokio::time::Instant::now() + self.connect_timeout;
         let who = format!("worker {} of pool {}", spec.worker_id, spec.pool);

@@ -17,18 +17,23 @@
 //! treated as a stranger until it proves otherwise, before anything else happens on it:
 //!
 //! 1. On Unix the kernel's peer credentials (`SO_PEERCRED`) must show our own uid.
-//! 2. The pool sends CHALLENGE with a fresh nonce; the peer must answer AUTH with the HMAC-SHA256
+//! 2. The peer's pid (again from the kernel) must be that of a worker this launcher started and
+//!    is waiting for: that is how a connection is paired with its launch. A launch registers its
+//!    worker's pid before handing the worker its secret, without which the worker does not
+//!    connect, so an unregistered pid is always a stranger: it is closed at once, in the accept
+//!    loop, before any challenge. A flood of connections from the same user costs the pool an
+//!    accept and a close each, never a descriptor held or a task, and never delays a worker.
+//! 3. The pool sends CHALLENGE with a fresh nonce; the peer must answer AUTH with the HMAC-SHA256
 //!    of the nonce under the socket's secret, within the auth timeout (default 5 s), and send
 //!    nothing else first ([`pool_core::protocol::auth::challenge`]). The secret is 32 random
 //!    bytes per socket, handed to each worker on an inherited pipe that its runtime reads once
 //!    and closes before importing the application: it is never in a worker's environment
 //!    (`/proc/<pid>/environ`) or argv.
-//! 3. The peer's pid (again from the kernel) must be that of a worker this launcher started and
-//!    is waiting for: that is how a connection is paired with its launch.
 //!
-//! A connection that fails any step is closed, logged as a `tracing` warning (target
-//! `pypool::ipc`) and never becomes a worker. Each connection is checked in its own task,
-//! independently of the accept loop, so a silent or hostile client delays nobody else.
+//! A connection that fails any step is closed and never becomes a worker; rejections are logged
+//! as `tracing` warnings (target `pypool::ipc`), strangers at most once per 10 s with a count.
+//! A launched worker's connection is authenticated in its own task, so a slow one delays nobody
+//! else.
 //!
 //! # Processes
 //!
@@ -43,7 +48,10 @@
 //!
 //! Unix (tested on Linux). The socket lives in a private directory (mode 0700) under
 //! `$XDG_RUNTIME_DIR` or the temporary directory, as `pool.sock` (mode 0600); both are removed
-//! on [`Launcher::shutdown`](pool_core::Launcher::shutdown) and on drop. On Windows the listener
+//! on [`Launcher::shutdown`](pool_core::Launcher::shutdown) and on drop. A pool that died without
+//! cleaning up (SIGKILL) leaves its directory behind; the next launcher to listen in the same
+//! place removes it, when it is ours (name, owner uid), its owner pid is dead, it holds only
+//! `pool.sock` and nothing listens on it. On Windows the listener
 //! side is a named pipe (compiled, untested), but launching fails with a clear error: process
 //! control in `transport-stdio` and the Python runtime's socket client are Unix-only so far.
 #![warn(missing_docs)]

@@ -10,12 +10,11 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use common::*;
-use pool_core::protocol::auth::{self, Secret};
 use pool_core::protocol::{Hello, Message};
 use pool_core::{
     ExitInfo, LaunchError, Launched, Launcher, Payload, Pool, ProcessHandle, WorkerSpec,
@@ -84,44 +83,25 @@ fn hello_without_auth() -> Message {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rogue_clients_are_rejected_and_the_pool_keeps_serving() {
-    // A long auth timeout keeps the silent client pending for the whole test: the pool must
-    // start and serve around it.
+async fn rogue_clients_are_closed_at_once_and_the_pool_keeps_serving() {
     let launcher = Arc::new(IpcLauncher::new().auth_timeout(Duration::from_secs(600)));
     let socket = launcher.listen().expect("listen");
 
-    // Connects and never says anything.
+    // Strangers (no launch waits for their pid) are closed before any challenge, whatever they
+    // do: connect and stay silent, send HELLO at once, send bytes that are not a frame.
     let mut silent = RawClient::connect(&socket).await;
-    // Skips AUTH and sends HELLO at once.
-    let mut hello = RawClient::connect(&socket).await;
-    hello.send(&hello_without_auth()).await;
-    // Answers the challenge with an HMAC under the wrong key.
-    let mut wrong_mac = RawClient::connect(&socket).await;
-
-    // The pool speaks first, to each of them, with a challenge.
-    silent.expect_challenge().await;
-    hello.expect_challenge().await;
-    let nonce = wrong_mac.expect_challenge().await;
-    wrong_mac
-        .send(&Message::Auth {
-            mac: auth::mac(Secret::generate().as_bytes(), &nonce),
-        })
-        .await;
+    let mut hello = RawClient::connect_and_send(&socket, &hello_without_auth()).await;
+    let mut garbage = RawClient::connect_and_write(&socket, b"GET / HTTP/1.0\r\n\r\n").await;
+    silent.expect_closed().await;
     hello.expect_closed().await;
-    wrong_mac.expect_closed().await;
+    garbage.expect_closed().await;
 
-    // With the silent client still connected, a pool starts on the same socket and serves.
     let pool = start(launcher.clone(), 2).await;
     assert_only_launched_workers(&pool, 2);
     assert_eq!(answering_pids(&pool, 8).await, pids(&pool));
 
-    // Rogues while the pool runs: bytes that are not even a frame, and another HELLO.
-    let mut garbage = RawClient::connect_and_write(&socket, b"GET / HTTP/1.0\r\n\r\n").await;
-    let mut hello_again = RawClient::connect(&socket).await;
-    hello_again.send(&hello_without_auth()).await;
-    garbage.expect_challenge().await;
-    garbage.expect_closed().await;
-    hello_again.expect_challenge().await;
+    // And while the pool runs.
+    let mut hello_again = RawClient::connect_and_send(&socket, &hello_without_auth()).await;
     hello_again.expect_closed().await;
 
     assert_eq!(
@@ -132,34 +112,27 @@ async fn rogue_clients_are_rejected_and_the_pool_keeps_serving() {
     let stats = pool.stats();
     assert_eq!(stats.counters.launches, 2, "{stats:?}");
     assert_eq!(stats.counters.launch_failures, 0, "{stats:?}");
-
     finish(pool, &socket).await;
-    // Shutting down closed the connection that never authenticated.
-    silent.expect_closed().await;
     assert_eq!(launcher.socket_path(), None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_silent_client_is_closed_at_the_auth_deadline() {
+async fn a_launched_worker_that_stays_silent_fails_its_launch_at_the_auth_deadline() {
+    let fake = FakeRuntime::new(CONNECTS_SILENTLY);
     let auth_timeout = Duration::from_millis(300);
-    let launcher = Arc::new(IpcLauncher::new().auth_timeout(auth_timeout));
-    let pool = start(launcher.clone(), 1).await;
+    // The connect timeout is far away: the failure must come from the auth deadline.
+    let launcher = IpcLauncher::new()
+        .auth_timeout(auth_timeout)
+        .connect_timeout(Duration::from_secs(600));
+    let err = tokio::time::timeout(STEP, launcher.launch(&fake.spec("w-silent")))
+        .await
+        .expect("the launch waited for the connect timeout")
+        .expect_err("the launch must fail");
+    assert!(err.message.contains("authentication failed"), "{err}");
+    assert!(!process_exists(fake_pid(&err.stderr_tail)));
     let socket = launcher.socket_path().expect("listening");
-    let mut silent = RawClient::connect(&socket).await;
-    silent.expect_challenge().await;
-    let challenged = Instant::now();
-    silent.expect_closed().await;
-    assert!(
-        challenged.elapsed() < auth_timeout + Duration::from_secs(30),
-        "closed only after {:?}",
-        challenged.elapsed()
-    );
-    assert_eq!(
-        ok(pool.call("echo", json!({"value": "still here"})).await).value,
-        json!("still here")
-    );
-    assert_only_launched_workers(&pool, 1);
-    finish(pool, &socket).await;
+    launcher.shutdown().await;
+    assert_gone(&socket);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,25 +299,59 @@ async fn two_pools_side_by_side_never_share_a_socket_or_a_worker() {
     finish(b, &socket_b).await;
 }
 
+/// A pid that no process has: one that ran and was reaped.
+fn dead_pid() -> u32 {
+    let mut child = std::process::Command::new("true")
+        .spawn()
+        .expect("spawn true");
+    let pid = child.id();
+    child.wait().expect("reap");
+    pid
+}
+
+/// A directory like the one a pool with pid `owner` makes, holding a socket nobody listens on.
+fn stale_dir(base: &Path, owner: u32, suffix: &str) -> PathBuf {
+    let dir = base.join(format!("pypool-ipc-{owner}-{suffix}"));
+    std::fs::create_dir(&dir).expect("mkdir");
+    drop(std::os::unix::net::UnixListener::bind(dir.join("pool.sock")).expect("bind stale"));
+    dir
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stale_sockets_of_a_crashed_run_are_not_in_the_way() {
+async fn socket_directories_of_dead_pools_are_removed_and_nothing_else() {
     let base = tempfile::tempdir().expect("tempdir");
+    let dead = dead_pid();
     // What a SIGKILLed pool leaves: its private directory with a socket nobody listens on.
-    let stale_dir = base.path().join("pypool-ipc-4194304-0000000000000000");
-    std::fs::create_dir(&stale_dir).expect("mkdir");
-    let stale_socket = stale_dir.join("pool.sock");
-    drop(std::os::unix::net::UnixListener::bind(&stale_socket).expect("bind stale"));
-    assert!(stale_socket.exists());
+    let stale = stale_dir(base.path(), dead, "00000000000000aa");
+    // Its owner is alive (this process stands in for another live pool).
+    let live_owner = stale_dir(base.path(), std::process::id(), "00000000000000bb");
+    // Something else lives in it.
+    let not_only_ours = stale_dir(base.path(), dead, "00000000000000cc");
+    std::fs::write(not_only_ours.join("notes.txt"), "keep").expect("write");
+    // Its owner pid is dead here, but something still listens (a pool in another pid namespace).
+    let listening = stale_dir(base.path(), dead, "00000000000000dd");
+    std::fs::remove_file(listening.join("pool.sock")).expect("rm");
+    let listener =
+        std::os::unix::net::UnixListener::bind(listening.join("pool.sock")).expect("bind live");
+    // Not our naming scheme.
+    let foreign = stale_dir(base.path(), dead, "not-hex");
 
     let launcher = Arc::new(IpcLauncher::new().socket_dir(base.path()));
     let pool = start(launcher.clone(), 1).await;
     let socket = launcher.socket_path().expect("listening");
     assert!(socket.starts_with(base.path()));
-    assert_ne!(socket, stale_socket);
     ok(pool.call("echo", json!({"value": 1})).await);
     finish(pool, &socket).await;
-    // Someone else's directory is left alone.
-    assert!(stale_socket.exists());
+
+    assert!(!stale.exists(), "the dead pool's directory is still there");
+    for kept in [&live_owner, &not_only_ours, &listening, &foreign] {
+        assert!(
+            kept.join("pool.sock").exists(),
+            "{} was removed",
+            kept.display()
+        );
+    }
+    drop(listener);
 }
 
 const EXITS_AT_ONCE: &str = r#"
@@ -357,6 +364,19 @@ const NEVER_CONNECTS: &str = r#"
 import os, sys, time
 sys.stderr.write("fake runtime pid %d: not connecting\n" % os.getpid())
 sys.stderr.flush()
+time.sleep(3600)
+"#;
+
+/// Reads its secret, connects, and never says a word.
+const CONNECTS_SILENTLY: &str = r#"
+import os, socket, sys, time
+fd = int(os.environ["PYPOOL_SECRET_FD"])
+while os.read(fd, 4096):
+    pass
+sys.stderr.write("fake runtime pid %d: connecting, then silent\n" % os.getpid())
+sys.stderr.flush()
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect(os.environ["PYPOOL_IPC_PATH"])
 time.sleep(3600)
 "#;
 

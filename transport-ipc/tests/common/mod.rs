@@ -93,10 +93,11 @@ impl RawClient {
         }
     }
 
-    /// Connects and writes raw bytes at once (not necessarily a frame).
+    /// Connects and writes raw bytes at once (not necessarily a frame). The pool may already
+    /// have closed the connection: a rogue does not care whether its write got through.
     pub async fn connect_and_write(path: &Path, bytes: &[u8]) -> RawClient {
         let mut stream = UnixStream::connect(path).await.expect("connect");
-        stream.write_all(bytes).await.expect("write");
+        let _ = stream.write_all(bytes).await;
         let (read, write) = stream.into_split();
         RawClient {
             channel: channel_from_io(read, write, 1 << 20),
@@ -109,6 +110,17 @@ impl RawClient {
             .await
             .expect("send timed out")
             .expect("send");
+    }
+
+    /// Connects and writes one frame at once, like [`connect_and_write`](Self::connect_and_write).
+    pub async fn connect_and_send(path: &Path, message: &Message) -> RawClient {
+        let body = encode(message, Codec::Json, &[]).expect("encode");
+        let mut bytes = u32::try_from(body.len())
+            .expect("a small frame")
+            .to_be_bytes()
+            .to_vec();
+        bytes.extend_from_slice(&body);
+        RawClient::connect_and_write(path, &bytes).await
     }
 
     /// The next frame: it must be the pool's CHALLENGE. Returns its nonce.

@@ -14,6 +14,7 @@ fn call() -> Message {
         args: json!({"features": [1.5, 2.5, 3.5, 4.5], "model": "small", "top_k": 3}),
         session: Some("user-7".into()),
         timeout_ms: Some(30_000),
+        window: Some(16),
     }
 }
 

@@ -19,8 +19,20 @@ pub enum Affinity {
     Prefer,
     /// Always the same worker. If it is gone, calls fail with
     /// [`Error::SessionWorkerLost`](crate::Error::SessionWorkerLost) rather than silently moving
-    /// to a worker that lacks the session's state.
+    /// to a worker that lacks the session's state. A call waits (within its time limits) while
+    /// the session's worker is busy.
     Strict,
+    /// Like `Strict`, but a call whose session's worker is busy fails at once with
+    /// [`Error::WorkerBusy`](crate::Error::WorkerBusy) instead of waiting, for callers that would
+    /// rather shed load than queue.
+    StrictNoWait,
+}
+
+impl Affinity {
+    /// Whether the session's calls stay on one worker (`Strict` or `StrictNoWait`).
+    pub fn is_strict(self) -> bool {
+        matches!(self, Affinity::Strict | Affinity::StrictNoWait)
+    }
 }
 
 /// Everything a pool can be told. Build it with [`PoolConfig::new`] and the setters, or fill the
@@ -83,8 +95,12 @@ pub struct PoolConfig {
     /// Up to this many extra calls, drawn per worker, so workers do not all recycle at once.
     /// Default: 10% of `max_calls`.
     pub max_calls_jitter: Option<u64>,
-    /// Recycle a worker after this age. Default: none.
+    /// Recycle a worker after this age (plus up to `max_age_jitter`), even if Strict sessions
+    /// are bound to it. Default: none.
     pub max_age: Option<Duration>,
+    /// Up to this much extra age, drawn per worker, so workers started together do not all
+    /// retire together. Default: 10% of `max_age`.
+    pub max_age_jitter: Option<Duration>,
     /// Recycle a worker whose resident memory exceeds this many bytes. Default: none.
     pub max_rss: Option<u64>,
     /// First delay before relaunching after a failure; doubles up to `restart_backoff_max`.
@@ -92,16 +108,39 @@ pub struct PoolConfig {
     pub restart_backoff: Duration,
     /// Largest relaunch delay. Default: 5 s.
     pub restart_backoff_max: Duration,
-    /// Consecutive launch/handshake failures that open the circuit breaker. Default: 5.
+    /// Consecutive launch/handshake failures that open the circuit breaker. A worker that dies
+    /// within `stable_uptime` of its start counts as a failed launch too. Default: 5.
     pub breaker_threshold: u32,
+    /// A worker that lives this long proves that launches work: the count of failed launches is
+    /// reset. One that dies sooner counts as a failed launch (backoff, circuit breaker), so a
+    /// worker that crashes soon after every start cannot make the pool spawn in a tight loop.
+    /// Default: 10 s.
+    pub stable_uptime: Duration,
+    /// Longest time one launch may take (spawning, and for ipc the worker's connection) before
+    /// it counts as failed; the handshake has its own limit. Transports may set their own
+    /// ([`Launcher::launch_timeout`](crate::Launcher::launch_timeout)). Default: 60 s.
+    pub launch_timeout: Duration,
     /// How long the breaker stays open before one trial launch. Default: 5 s.
     pub breaker_cooldown: Duration,
     /// A session unused this long is ended. Default: 30 min.
     pub session_ttl: Duration,
+    /// Sessions that may be open at once; a call that would open one more fails with
+    /// [`Error::TooManySessions`](crate::Error::TooManySessions). Default: no limit.
+    pub max_sessions: Option<usize>,
     /// Affinity of sessions opened with [`Pool::session`](crate::Pool::session). Default: `None`.
     pub default_affinity: Affinity,
-    /// The largest frame either side may send. Default: 256 MiB.
+    /// The largest frame either side may send. A call whose frame would be larger fails with
+    /// [`Error::RequestTooLarge`](crate::Error::RequestTooLarge) before it is queued. Default:
+    /// 256 MiB.
     pub max_frame: usize,
+    /// The most a streaming handler's items may add up to when [`call`](crate::Pool::call)
+    /// collects them into one reply; beyond it the call is cancelled with
+    /// [`Error::ReplyTooLarge`](crate::Error::ReplyTooLarge). Items taken one by one with
+    /// [`call_stream`](crate::Pool::call_stream) have no such cap. Default: 256 MiB.
+    pub max_reply_bytes: usize,
+    /// Stream items a worker may send ahead of the consumer (flow control): a worker stops
+    /// producing when this many items are waiting to be taken. Default: 16.
+    pub stream_window: u32,
     /// Caps the `max_in_flight` a worker announces. Default: no cap.
     pub max_in_flight: Option<usize>,
     /// At shutdown, how long a worker has after SHUTDOWN, and again after SIGTERM. Default: 2 s.
@@ -139,14 +178,20 @@ impl PoolConfig {
             max_calls: None,
             max_calls_jitter: None,
             max_age: None,
+            max_age_jitter: None,
             max_rss: None,
             restart_backoff: Duration::from_millis(100),
             restart_backoff_max: Duration::from_secs(5),
             breaker_threshold: 5,
             breaker_cooldown: Duration::from_secs(5),
+            stable_uptime: Duration::from_secs(10),
+            launch_timeout: Duration::from_secs(60),
             session_ttl: Duration::from_secs(30 * 60),
+            max_sessions: None,
             default_affinity: Affinity::None,
             max_frame: DEFAULT_MAX_FRAME,
+            max_reply_bytes: DEFAULT_MAX_FRAME,
+            stream_window: 16,
             max_in_flight: None,
             stop_grace: Duration::from_secs(2),
             maintenance_interval: Duration::from_secs(1),
@@ -182,10 +227,17 @@ impl PoolConfig {
         if self.max_in_flight == Some(0) {
             return bad("max_in_flight must be at least 1".into());
         }
+        if self.stream_window == 0 {
+            return bad("stream_window must be at least 1".into());
+        }
+        if self.max_sessions == Some(0) {
+            return bad("max_sessions must be at least 1".into());
+        }
         for (name, value) in [
             ("maintenance_interval", self.maintenance_interval),
             ("ping_interval", self.ping_interval),
             ("ping_timeout", self.ping_timeout),
+            ("launch_timeout", self.launch_timeout),
         ] {
             if value.is_zero() {
                 return bad(format!("{name} must be greater than zero"));
@@ -247,6 +299,14 @@ setters! {
     breaker_threshold: u32,
     /// Sets [`PoolConfig::breaker_cooldown`].
     breaker_cooldown: Duration,
+    /// Sets [`PoolConfig::stable_uptime`].
+    stable_uptime: Duration,
+    /// Sets [`PoolConfig::launch_timeout`].
+    launch_timeout: Duration,
+    /// Sets [`PoolConfig::max_reply_bytes`].
+    max_reply_bytes: usize,
+    /// Sets [`PoolConfig::stream_window`].
+    stream_window: u32,
     /// Sets [`PoolConfig::session_ttl`].
     session_ttl: Duration,
     /// Sets [`PoolConfig::default_affinity`].
@@ -300,6 +360,16 @@ impl PoolConfig {
     /// Sets [`PoolConfig::max_age`].
     pub fn max_age(mut self, max_age: Duration) -> Self {
         self.max_age = Some(max_age);
+        self
+    }
+    /// Sets [`PoolConfig::max_age_jitter`].
+    pub fn max_age_jitter(mut self, jitter: Duration) -> Self {
+        self.max_age_jitter = Some(jitter);
+        self
+    }
+    /// Sets [`PoolConfig::max_sessions`].
+    pub fn max_sessions(mut self, max_sessions: usize) -> Self {
+        self.max_sessions = Some(max_sessions);
         self
     }
     /// Sets [`PoolConfig::max_rss`].

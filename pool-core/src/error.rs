@@ -1,4 +1,5 @@
-//! The one error type of the pool, with the context a caller needs to act on it.
+//! The one error type of the pool, with the context a caller needs to act on it, and the
+//! taxonomy ([`ErrorKind`]) a program branches on without reading text.
 
 use std::fmt;
 use std::sync::Arc;
@@ -57,12 +58,24 @@ impl fmt::Display for TimeoutKind {
 pub struct WorkerExit {
     /// The worker's id in the pool.
     pub worker: String,
-    /// What the pool saw: end of stream, a protocol error, a kill by the pool…
+    /// What the pool saw: the process exited, a protocol error, a kill by the pool…
     pub reason: String,
     /// The exit status, when the process was the pool's and has been reaped.
     pub exit: Option<ExitInfo>,
     /// The last lines the worker wrote to stderr.
     pub stderr_tail: Vec<String>,
+}
+
+impl WorkerExit {
+    /// The exit code, when the process exited normally.
+    pub fn code(&self) -> Option<i32> {
+        self.exit.and_then(|exit| exit.code)
+    }
+
+    /// The signal that ended the process, on Unix.
+    pub fn signal(&self) -> Option<i32> {
+        self.exit.and_then(|exit| exit.signal)
+    }
 }
 
 impl fmt::Display for WorkerExit {
@@ -75,7 +88,46 @@ impl fmt::Display for WorkerExit {
     }
 }
 
-/// Everything that can go wrong in a pool. Each variant says what happened and where.
+/// What kind of failure an [`Error`] is: what a program branches on (retry, which HTTP status,
+/// whose fault) without reading messages.
+///
+/// | kind | variants | whose fault | retry? | HTTP |
+/// |---|---|---|---|---|
+/// | `Overloaded` | `Saturated`, `WorkerBusy` | load | yes, with backoff | 503 + `Retry-After` |
+/// | `Timeout` | `Timeout` | load or a slow handler | checkout: yes; call/deadline: maybe | 504 |
+/// | `WorkerFailed` | `WorkerCrashed`, `Protocol` | the worker process | yes (it was replaced) | 502 |
+/// | `Handler` | `Handler` | the Python code | no | 500 (or map the exception type) |
+/// | `InvalidRequest` | `RequestTooLarge`, `ReplyTooLarge`, `InvalidArguments`, `UnknownCommand`, `Codec` | the caller | no | 400 / 413 / 422 |
+/// | `Session` | `SessionEnded`, `SessionWorkerLost`, `TooManySessions` | session state | start the session over | 409 / 410 |
+/// | `Unavailable` | `CircuitOpen`, `StartFailed` | environment (the app cannot start) | after the cooldown | 503 |
+/// | `ShuttingDown` | `ShuttingDown` | the pool is closing | not on this pool | 503 |
+/// | `Config` | `InvalidConfig` | the program | no | — |
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The pool has no room for the call now: too many callers, or the session's worker is busy
+    /// and the session asked not to wait.
+    Overloaded,
+    /// A time limit expired.
+    Timeout,
+    /// The worker process died or broke the protocol while holding the call.
+    WorkerFailed,
+    /// The handler raised an exception; the worker lives on.
+    Handler,
+    /// The call itself cannot work: too large, malformed arguments, an unknown command.
+    InvalidRequest,
+    /// The session cannot serve the call: ended, lost its worker, or too many sessions.
+    Session,
+    /// The pool cannot get workers running: the circuit breaker is open or start-up failed.
+    Unavailable,
+    /// The pool is shutting down.
+    ShuttingDown,
+    /// The configuration cannot work.
+    Config,
+}
+
+/// Everything that can go wrong in a pool. Each variant says what happened and where; use
+/// [`Error::kind`] to branch and [`Error::is_transient`] to decide on a retry.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -87,8 +139,17 @@ pub enum Error {
         /// How many callers were waiting.
         waiters: usize,
     },
+    /// The session's worker is busy and its affinity is
+    /// [`StrictNoWait`](crate::Affinity::StrictNoWait): the call was refused at once.
+    #[error("{context}: the session's worker {worker} is busy (strict affinity, no waiting)")]
+    WorkerBusy {
+        /// Where.
+        context: CallContext,
+        /// The session's worker.
+        worker: String,
+    },
     /// A time limit expired.
-    #[error("{context}: {kind} expired after {waited:?}{}", worker.as_ref().map(|w| format!(" on worker {w}")).unwrap_or_default())]
+    #[error("{context}: {kind} expired after {}{}", humanize(*waited), worker.as_ref().map(|w| format!(" on worker {w}")).unwrap_or_default())]
     Timeout {
         /// Where.
         context: CallContext,
@@ -110,7 +171,7 @@ pub enum Error {
         /// The exception, with its traceback.
         error: Box<RemoteError>,
     },
-    /// The worker died or misbehaved while holding the call.
+    /// The worker died or was killed while holding the call.
     #[error("{context}: {exit}")]
     WorkerCrashed {
         /// Where.
@@ -118,24 +179,96 @@ pub enum Error {
         /// What happened to the worker.
         exit: Box<WorkerExit>,
     },
+    /// The worker answered with something the protocol does not allow here.
+    #[error("{context}: protocol error from worker {worker}: {message}")]
+    Protocol {
+        /// Where.
+        context: CallContext,
+        /// The worker.
+        worker: String,
+        /// What was wrong.
+        message: String,
+    },
+    /// The call's frame would exceed `max_frame`; it was refused before it was queued and no
+    /// worker was touched.
+    #[error("{context}: the request needs {size} bytes, more than max_frame ({max} bytes); send large data in fewer calls or raise max_frame")]
+    RequestTooLarge {
+        /// Where.
+        context: CallContext,
+        /// The size the request needs (at least).
+        size: usize,
+        /// `max_frame`.
+        max: usize,
+    },
+    /// A streaming handler's items, collected by [`call`](crate::Pool::call), exceeded
+    /// `max_reply_bytes`; the call was cancelled (the worker lives on). Use
+    /// [`call_stream`](crate::Pool::call_stream) to take the items one by one.
+    #[error("{context}: the reply exceeded max_reply_bytes ({max} bytes) after {items} items; the call was cancelled (use call_stream for large streams)")]
+    ReplyTooLarge {
+        /// Where.
+        context: CallContext,
+        /// Items received before the cap.
+        items: u64,
+        /// `max_reply_bytes`.
+        max: usize,
+    },
+    /// The arguments cannot be sent as they are (an attachment placeholder with no attachment,
+    /// values nested too deep…); nothing was sent.
+    #[error("{context}: invalid arguments: {reason}")]
+    InvalidArguments {
+        /// Where.
+        context: CallContext,
+        /// What is wrong with them.
+        reason: String,
+    },
+    /// No worker serves this command.
+    #[error("{context}: unknown command{}; known commands: {}", suggestion.as_ref().map(|s| format!(" (did you mean '{s}'?)")).unwrap_or_default(), known.join(", "))]
+    UnknownCommand {
+        /// Where.
+        context: CallContext,
+        /// The commands the workers announced.
+        known: Vec<String>,
+        /// The closest known command, when one is close.
+        suggestion: Option<String>,
+    },
+    /// Converting a value to or from the wire form failed (a `serde` error in
+    /// [`Payload::from_serialize`](crate::Payload::from_serialize),
+    /// [`Payload::deserialize`](crate::Payload::deserialize) or a typed call).
+    #[error("codec error: {0}")]
+    Codec(Arc<serde_json::Error>),
     /// A session with `Strict` affinity lost the worker that held its state.
-    #[error("pool '{pool}': session '{session}' lost its worker {worker} (strict affinity); end the session and start again")]
+    #[error("{context}: the session lost its worker {worker} (strict affinity): end it and start again, or use Session::restart")]
     SessionWorkerLost {
-        /// The pool.
-        pool: String,
-        /// The session.
-        session: String,
+        /// Where.
+        context: CallContext,
         /// The worker that is gone.
         worker: String,
     },
-    /// Launching workers keeps failing; calls fail fast until a retry succeeds.
-    #[error("pool '{pool}': circuit breaker open after {failures} failed launches; last error: {last_error}")]
+    /// The session was ended with [`Session::end`](crate::Session::end).
+    #[error("{context}: the session has ended")]
+    SessionEnded {
+        /// Where.
+        context: CallContext,
+    },
+    /// `max_sessions` sessions are open; a new one was refused.
+    #[error(
+        "{context}: {max} sessions are open (max_sessions); end one, or wait for one to expire"
+    )]
+    TooManySessions {
+        /// Where.
+        context: CallContext,
+        /// `max_sessions`.
+        max: usize,
+    },
+    /// Launching workers keeps failing; calls that have no live worker fail fast until a retry
+    /// succeeds.
+    #[error("{context}: circuit breaker open after {failures} failed launches; last error: {last_error}")]
     CircuitOpen {
-        /// The pool.
-        pool: String,
+        /// Where.
+        context: CallContext,
         /// Consecutive failures that opened the breaker.
         failures: u32,
-        /// The last launch or handshake error.
+        /// The last launch or handshake error, or how the last worker died soon after start.
         last_error: String,
     },
     /// `Pool::start` could not get `min_ready` workers ready.
@@ -151,28 +284,10 @@ pub enum Error {
         reason: String,
     },
     /// The pool is shutting down or has shut down.
-    #[error("pool '{pool}' is shutting down")]
+    #[error("{context}: the pool is shutting down")]
     ShuttingDown {
-        /// The pool.
-        pool: String,
-    },
-    /// The session was ended with [`Session::end`](crate::Session::end) or expired.
-    #[error("pool '{pool}': session '{session}' has ended")]
-    SessionEnded {
-        /// The pool.
-        pool: String,
-        /// The session.
-        session: String,
-    },
-    /// The worker answered with something the protocol does not allow here.
-    #[error("{context}: protocol error from worker {worker}: {message}")]
-    Protocol {
         /// Where.
         context: CallContext,
-        /// The worker.
-        worker: String,
-        /// What was wrong.
-        message: String,
     },
     /// The configuration cannot work.
     #[error("invalid pool configuration: {0}")]
@@ -180,17 +295,87 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether retrying the same call later may succeed (saturation, timeouts, crashes, an open
-    /// breaker) as opposed to errors that will repeat (handler exceptions, bad configuration).
+    /// What kind of failure this is; see [`ErrorKind`] for the mapping and what to do about it.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Saturated { .. } | Error::WorkerBusy { .. } => ErrorKind::Overloaded,
+            Error::Timeout { .. } => ErrorKind::Timeout,
+            Error::WorkerCrashed { .. } | Error::Protocol { .. } => ErrorKind::WorkerFailed,
+            Error::Handler { .. } => ErrorKind::Handler,
+            Error::RequestTooLarge { .. }
+            | Error::ReplyTooLarge { .. }
+            | Error::InvalidArguments { .. }
+            | Error::UnknownCommand { .. }
+            | Error::Codec(_) => ErrorKind::InvalidRequest,
+            Error::SessionWorkerLost { .. }
+            | Error::SessionEnded { .. }
+            | Error::TooManySessions { .. } => ErrorKind::Session,
+            Error::CircuitOpen { .. } | Error::StartFailed { .. } => ErrorKind::Unavailable,
+            Error::ShuttingDown { .. } => ErrorKind::ShuttingDown,
+            Error::InvalidConfig(_) => ErrorKind::Config,
+        }
+    }
+
+    /// Whether the same call, retried later on the same pool, can succeed: overload, a checkout
+    /// or call timeout, a crashed worker (the pool replaces it), an open breaker (after its
+    /// cooldown). Never for the caller's own mistakes, handler exceptions, session errors or a
+    /// pool that is shutting down.
     pub fn is_transient(&self) -> bool {
         matches!(
-            self,
-            Error::Saturated { .. }
-                | Error::Timeout { .. }
-                | Error::WorkerCrashed { .. }
-                | Error::CircuitOpen { .. }
-        )
+            self.kind(),
+            ErrorKind::Overloaded | ErrorKind::Timeout | ErrorKind::WorkerFailed
+        ) || matches!(self, Error::CircuitOpen { .. })
     }
+
+    /// The call's context (pool, command, session), for errors that belong to a call.
+    pub fn context(&self) -> Option<&CallContext> {
+        match self {
+            Error::Saturated { context, .. }
+            | Error::WorkerBusy { context, .. }
+            | Error::Timeout { context, .. }
+            | Error::Handler { context, .. }
+            | Error::WorkerCrashed { context, .. }
+            | Error::Protocol { context, .. }
+            | Error::RequestTooLarge { context, .. }
+            | Error::ReplyTooLarge { context, .. }
+            | Error::InvalidArguments { context, .. }
+            | Error::UnknownCommand { context, .. }
+            | Error::SessionWorkerLost { context, .. }
+            | Error::SessionEnded { context }
+            | Error::TooManySessions { context, .. }
+            | Error::CircuitOpen { context, .. }
+            | Error::ShuttingDown { context } => Some(context),
+            Error::Codec(_) | Error::StartFailed { .. } | Error::InvalidConfig(_) => None,
+        }
+    }
+}
+
+impl From<serde_json::Error> for Error {
+    fn from(err: serde_json::Error) -> Self {
+        Error::Codec(Arc::new(err))
+    }
+}
+
+/// A duration as people read it: `1.5s`, `250ms`, `3m 20s`.
+pub(crate) fn humanize(duration: Duration) -> String {
+    let millis = duration.as_millis();
+    if millis < 1000 {
+        return format!("{millis}ms");
+    }
+    let secs = duration.as_secs();
+    if secs < 60 {
+        let tenths = (millis % 1000) / 100;
+        return if tenths == 0 {
+            format!("{secs}s")
+        } else {
+            format!("{secs}.{tenths}s")
+        };
+    }
+    let (minutes, secs) = (secs / 60, secs % 60);
+    if minutes < 60 {
+        return format!("{minutes}m {secs}s");
+    }
+    format!("{}h {}m", minutes / 60, minutes % 60)
 }
 
 /// Shorthand for results with [`Error`].
@@ -208,5 +393,41 @@ mod tests {
             "{}",
             std::mem::size_of::<Error>()
         );
+    }
+
+    #[test]
+    fn durations_read_like_people_write_them() {
+        assert_eq!(humanize(Duration::from_micros(1500)), "1ms");
+        assert_eq!(humanize(Duration::from_millis(250)), "250ms");
+        assert_eq!(humanize(Duration::from_millis(1001)), "1s");
+        assert_eq!(humanize(Duration::from_millis(1520)), "1.5s");
+        assert_eq!(humanize(Duration::from_secs(200)), "3m 20s");
+        assert_eq!(humanize(Duration::from_secs(7320)), "2h 2m");
+    }
+
+    #[test]
+    fn only_retryable_errors_are_transient() {
+        let context = CallContext {
+            pool: Arc::from("p"),
+            command: Arc::from("c"),
+            session: None,
+        };
+        let shutting_down = Error::ShuttingDown {
+            context: context.clone(),
+        };
+        assert_eq!(shutting_down.kind(), ErrorKind::ShuttingDown);
+        assert!(!shutting_down.is_transient());
+        let saturated = Error::Saturated {
+            context: context.clone(),
+            waiters: 3,
+        };
+        assert!(saturated.is_transient());
+        let too_large = Error::RequestTooLarge {
+            context,
+            size: 10,
+            max: 5,
+        };
+        assert_eq!(too_large.kind(), ErrorKind::InvalidRequest);
+        assert!(!too_large.is_transient());
     }
 }

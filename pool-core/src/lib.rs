@@ -19,15 +19,15 @@ mod stats;
 mod worker;
 
 pub use config::{Affinity, PoolConfig};
-pub use error::{CallContext, Error, Result, TimeoutKind, WorkerExit};
+pub use error::{CallContext, Error, ErrorKind, Result, TimeoutKind, WorkerExit};
 pub use launcher::{
     Channel, ExitInfo, FrameReceiver, FrameSender, LaunchError, Launched, Launcher, ProcessHandle,
     WorkerSpec,
 };
 pub use payload::{placeholder_index, Payload};
-pub use pool::{CallOptions, CallStream, Pool};
+pub use pool::{CallOptions, CallStream, Pool, SessionEvent};
 pub use session::Session;
 pub use stats::{
-    BreakerState, Counters, Gauges, LatencySummary, PoolStats, PoolStatus, SessionStatus,
-    WorkerState, WorkerStatus,
+    BreakerState, Counters, Gauges, Health, HealthState, LatencySummary, PoolStats, PoolStatus,
+    SessionStatus, WorkerState, WorkerStatus,
 };

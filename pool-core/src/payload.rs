@@ -87,6 +87,77 @@ impl Payload {
     }
 }
 
+/// Why a payload cannot be sent as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PayloadProblem {
+    /// A placeholder refers to an attachment that does not exist.
+    Placeholder(u64),
+    /// Values nest deeper than allowed.
+    TooDeep,
+}
+
+impl Payload {
+    /// Checks that the payload can be sent — every placeholder names an existing attachment and
+    /// values nest at most `max_depth` levels — and returns an upper bound of its encoded size
+    /// (the header as JSON or MessagePack, plus the attachments).
+    pub(crate) fn check(&self, max_depth: usize) -> Result<usize, PayloadProblem> {
+        let attachments: usize = self
+            .attachments
+            .iter()
+            .map(|a| a.len().saturating_add(24))
+            .fold(0, usize::saturating_add);
+        let value = bound(&self.value, self.attachments.len(), max_depth, 1)?;
+        Ok(value.saturating_add(attachments))
+    }
+}
+
+/// An upper bound of the encoded size of `value` under either codec (JSON escapes a byte as at
+/// most six; MessagePack frames a value in at most nine), checking placeholders and depth.
+fn bound(
+    value: &Value,
+    attachments: usize,
+    max_depth: usize,
+    depth: usize,
+) -> Result<usize, PayloadProblem> {
+    Ok(match value {
+        Value::Null | Value::Bool(_) => 5,
+        Value::Number(_) => 24,
+        Value::String(s) => s.len().saturating_mul(6).saturating_add(9),
+        Value::Array(items) => {
+            if depth > max_depth {
+                return Err(PayloadProblem::TooDeep);
+            }
+            let mut size: usize = 9;
+            for item in items {
+                size = size
+                    .saturating_add(bound(item, attachments, max_depth, depth + 1)?)
+                    .saturating_add(1);
+            }
+            size
+        }
+        Value::Object(map) => {
+            if depth > max_depth {
+                return Err(PayloadProblem::TooDeep);
+            }
+            if let Some(index) = map.get(ATTACHMENT_KEY).filter(|_| map.len() == 1) {
+                return match index.as_u64() {
+                    Some(i) if (i as usize) < attachments && i <= usize::MAX as u64 => Ok(32),
+                    Some(i) => Err(PayloadProblem::Placeholder(i)),
+                    None => Err(PayloadProblem::Placeholder(u64::MAX)),
+                };
+            }
+            let mut size: usize = 9;
+            for (key, item) in map {
+                size = size
+                    .saturating_add(key.len().saturating_mul(6).saturating_add(9))
+                    .saturating_add(bound(item, attachments, max_depth, depth + 1)?)
+                    .saturating_add(2);
+            }
+            size
+        }
+    })
+}
+
 /// The attachment index of a placeholder map `{"__pypool_att__": N}`.
 pub fn placeholder_index(value: &Value) -> Option<usize> {
     let map = value.as_object()?;

@@ -233,6 +233,9 @@ pub enum WorkerState {
     Busy,
     /// Takes no new calls; stops once its calls finish.
     Draining,
+    /// Due for recycling: still serving until its replacement is up (and, while Strict sessions
+    /// are bound to it, until they end).
+    Recycling,
 }
 
 /// One worker in [`PoolStatus`].
@@ -304,16 +307,50 @@ pub struct PoolStatus {
     pub transport: String,
     /// Whether the pool is shutting down.
     pub shutting_down: bool,
+    /// Time since the pool started.
+    pub uptime_ms: u64,
     /// The circuit breaker.
     pub breaker: BreakerState,
     /// Consecutive launch failures.
     pub launch_failures_in_a_row: u32,
     /// The last launch or handshake error.
     pub last_launch_error: Option<String>,
-    /// Live workers.
+    /// Live workers, in the order they were started (by worker number).
     pub workers: Vec<WorkerStatus>,
     /// Gauges.
     pub gauges: Gauges,
     /// Sessions.
     pub sessions: Vec<SessionStatus>,
+}
+
+/// How well the pool can serve, from [`Pool::health`](crate::Pool::health): for readiness and
+/// liveness probes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthState {
+    /// As many workers as `size` are live and launches work.
+    Healthy,
+    /// Calls are served, but by fewer workers than `size`, or launches are failing.
+    Degraded,
+    /// No worker can take calls (none is live, or the pool is shutting down).
+    Unavailable,
+}
+
+/// A quick health summary; see [`PoolStatus`] for everything.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    /// The verdict.
+    pub state: HealthState,
+    /// Workers that can take calls now or after their current ones.
+    pub live_workers: usize,
+    /// `size`: the permanent workers the pool keeps.
+    pub wanted_workers: usize,
+    /// Workers being launched.
+    pub starting_workers: usize,
+    /// The circuit breaker.
+    pub breaker: BreakerState,
+    /// The last launch error, while launches are failing.
+    pub last_launch_error: Option<String>,
+    /// Time since the pool started.
+    pub uptime_ms: u64,
 }

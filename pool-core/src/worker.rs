@@ -2,13 +2,12 @@
 //! and the death report that every pending call receives when the worker goes away.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-
-use parking_lot::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
@@ -16,7 +15,9 @@ use tokio::task::AbortHandle;
 use crate::error::WorkerExit;
 use crate::launcher::{FrameReceiver, FrameSender, LaunchError, Launched, ProcessHandle};
 use crate::payload::Payload;
-use crate::protocol::{self, Codec, Hello, Message, RemoteError, Welcome, PROTOCOL_VERSION};
+use crate::protocol::{
+    self, Codec, Hello, Message, ProtocolError, RemoteError, Welcome, PROTOCOL_VERSION,
+};
 
 /// How long the reader waits for a process whose stream ended to exit, before it kills it: a
 /// process that closed its stdout but lives on must not linger.
@@ -27,6 +28,10 @@ const EXIT_AFTER_EOF: Duration = Duration::from_secs(2);
 /// that left the worker's process group) cannot delay the crash report longer than this.
 const EXIT_DRAIN: Duration = Duration::from_millis(100);
 
+/// Replies a call's channel holds beside its stream window, for the terminal replies: the final
+/// reply or CANCELLED, and the death report.
+const REPLY_SLACK: usize = 2;
+
 /// What a pending call receives from the reader.
 #[derive(Debug)]
 pub(crate) enum Reply {
@@ -35,7 +40,15 @@ pub(crate) enum Reply {
     Result(Result<Payload, RemoteError>),
     Cancelled,
     /// The worker went away before the call finished.
-    Dead(WorkerExit),
+    Dead(Death),
+}
+
+/// How a worker went away, as its pending calls learn it.
+#[derive(Debug, Clone)]
+pub(crate) struct Death {
+    pub exit: WorkerExit,
+    /// The pool stopped the worker (shutdown), rather than it crashing or being killed.
+    pub stopped: bool,
 }
 
 impl Reply {
@@ -44,7 +57,7 @@ impl Reply {
     }
 }
 
-type Pending = HashMap<u64, mpsc::UnboundedSender<Reply>>;
+type Pending = HashMap<u64, mpsc::Sender<Reply>>;
 
 /// The part of a worker shared with its reader task.
 struct Routing {
@@ -53,18 +66,32 @@ struct Routing {
     kill_reason: Mutex<Option<String>>,
     kill: tokio::sync::Notify,
     pings: Mutex<HashMap<u64, oneshot::Sender<()>>>,
-    death: OnceLock<WorkerExit>,
+    death: OnceLock<Death>,
+    /// Set by [`WorkerConn::stop`]: the pool is stopping this worker.
+    stopping: AtomicBool,
     late_replies: Arc<AtomicU64>,
 }
 
 /// Called by the reader when the worker is gone, after every pending call has been told.
 pub(crate) type OnExit = Box<dyn FnOnce(WorkerExit) + Send>;
 
+/// What every connection of a pool shares.
+#[derive(Clone)]
+pub(crate) struct ConnSettings {
+    pub pool: String,
+    pub max_frame: usize,
+    /// Stream items a worker may send ahead of the consumer.
+    pub stream_window: u32,
+    pub late_replies: Arc<AtomicU64>,
+}
+
 /// A live connection to a worker that has completed its handshake.
 pub(crate) struct WorkerConn {
     pub(crate) id: String,
     pub(crate) hello: Hello,
     pub(crate) codec: Codec,
+    max_frame: usize,
+    stream_window: u32,
     /// Frames for the writer task, which owns the channel's sending half. A caller that is
     /// cancelled mid-send therefore can never leave half a frame on the wire.
     outbox: mpsc::UnboundedSender<Outgoing>,
@@ -101,30 +128,54 @@ pub(crate) struct HandshakeError {
     pub(crate) fatal: bool,
 }
 
+/// Why a CALL was not sent.
+pub(crate) enum SendError {
+    /// The worker is gone.
+    Dead(Death),
+    /// The frame would exceed `max_frame`; nothing was sent and the worker is untouched.
+    TooLarge(usize),
+    /// The message could not be encoded (nothing was sent).
+    Encode(String),
+}
+
+/// How the handshake ended for the process, when it failed.
+enum Failure {
+    /// The worker broke the protocol or overran its time: kill it at once.
+    Kill,
+    /// The worker is ending by itself (it closed its channel, or said it cannot start).
+    Exiting,
+}
+
 impl WorkerConn {
-    /// Performs the handshake on a launched worker and starts its reader.
+    /// Performs the handshake on a launched worker.
     pub(crate) async fn handshake(
         launched: Launched,
-        pool: &str,
         worker_id: &str,
-        max_frame: usize,
+        settings: &ConnSettings,
         timeout: Duration,
-        late_replies: Arc<AtomicU64>,
     ) -> Result<(Arc<WorkerConn>, Box<dyn FrameReceiver>), HandshakeError> {
         let Launched { channel, process } = launched;
         let process: Option<Arc<dyn ProcessHandle>> = process.map(Arc::from);
         let mut receiver = channel.receiver;
         let mut sender = channel.sender;
-        let fail = |message: String, fatal: bool| HandshakeError {
-            error: LaunchError::new(message),
-            fatal,
-        };
         let first = match tokio::time::timeout(timeout, receiver.recv()).await {
-            Err(_) => Err(fail(format!("no HELLO within {timeout:?}"), false)),
-            Ok(Err(err)) => Err(fail(format!("channel failed before HELLO: {err}"), false)),
-            Ok(Ok(None)) => Err(fail("worker closed its channel before HELLO".into(), false)),
+            Err(_) => Err((format!("no HELLO within {timeout:?}"), false, Failure::Kill)),
+            Ok(Err(err)) => Err((
+                format!("channel failed before HELLO: {err}"),
+                false,
+                Failure::Kill,
+            )),
+            Ok(Ok(None)) => Err((
+                "worker closed its channel before HELLO".into(),
+                false,
+                Failure::Exiting,
+            )),
             Ok(Ok(Some(frame))) => match protocol::decode(frame) {
-                Err(err) => Err(fail(format!("bad frame instead of HELLO: {err}"), false)),
+                Err(err) => Err((
+                    format!("bad frame instead of HELLO: {err}"),
+                    false,
+                    Failure::Kill,
+                )),
                 Ok((Message::Hello(hello), _)) => Ok(hello),
                 Ok((Message::StartupError { error }, _)) => {
                     let mut message = format!("worker could not start: {error}");
@@ -132,31 +183,36 @@ impl WorkerConn {
                         message.push('\n');
                         message.push_str(tb.trim_end());
                     }
-                    Err(fail(message, true))
+                    Err((message, true, Failure::Exiting))
                 }
-                Ok((other, _)) => Err(fail(
+                Ok((other, _)) => Err((
                     format!("expected HELLO, got {}", other.type_name()),
                     false,
+                    Failure::Kill,
                 )),
             },
         };
-        let hello = match first {
-            Ok(hello) => hello,
-            Err(mut err) => {
-                err.error.stderr_tail = finish_process(process.as_deref()).await.1;
-                return Err(err);
+        let fail = |message: String, fatal: bool, how: Failure| {
+            let process = process.clone();
+            async move {
+                let stderr_tail = finish_process(process.as_deref(), how).await.1;
+                HandshakeError {
+                    error: LaunchError::new(message).with_stderr(stderr_tail),
+                    fatal,
+                }
             }
         };
+        let hello = match first {
+            Ok(hello) => hello,
+            Err((message, fatal, how)) => return Err(fail(message, fatal, how).await),
+        };
         if hello.protocol != PROTOCOL_VERSION || hello.max_in_flight == 0 {
-            let mut err = fail(
-                format!(
-                    "unsupported HELLO: protocol {} (this pool speaks {PROTOCOL_VERSION}), max_in_flight {}",
-                    hello.protocol, hello.max_in_flight
-                ),
-                true,
+            let message = format!(
+                "unsupported HELLO: protocol {} (this pool speaks {PROTOCOL_VERSION}), \
+                 max_in_flight {}; is the worker's pypool_worker the version this pool embeds?",
+                hello.protocol, hello.max_in_flight
             );
-            err.error.stderr_tail = finish_process(process.as_deref()).await.1;
-            return Err(err);
+            return Err(fail(message, true, Failure::Kill).await);
         }
         let codec = if hello.codecs.iter().any(|c| c == "msgpack") {
             Codec::Msgpack
@@ -165,18 +221,21 @@ impl WorkerConn {
         };
         let welcome = Message::Welcome(Welcome {
             codec: codec.name().into(),
-            pool: pool.into(),
+            pool: settings.pool.clone(),
             worker_id: worker_id.into(),
-            max_frame: max_frame as u64,
+            max_frame: settings.max_frame as u64,
         });
         let sent = match protocol::encode(&welcome, Codec::Json, &[]) {
             Ok(body) => sender.send(body).await.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         if let Err(err) = sent {
-            let mut err = fail(format!("could not send WELCOME: {err}"), false);
-            err.error.stderr_tail = finish_process(process.as_deref()).await.1;
-            return Err(err);
+            return Err(fail(
+                format!("could not send WELCOME: {err}"),
+                false,
+                Failure::Kill,
+            )
+            .await);
         }
         let routing = Arc::new(Routing {
             pending: Mutex::new(HashMap::new()),
@@ -184,7 +243,8 @@ impl WorkerConn {
             kill: tokio::sync::Notify::new(),
             pings: Mutex::new(HashMap::new()),
             death: OnceLock::new(),
-            late_replies,
+            stopping: AtomicBool::new(false),
+            late_replies: settings.late_replies.clone(),
         });
         let (outbox, frames) = mpsc::unbounded_channel();
         let writer = tokio::spawn(write_loop(sender, frames, routing.clone()));
@@ -192,6 +252,8 @@ impl WorkerConn {
             id: worker_id.into(),
             hello,
             codec,
+            max_frame: settings.max_frame,
+            stream_window: settings.stream_window,
             outbox,
             routing,
             process,
@@ -208,10 +270,14 @@ impl WorkerConn {
         receiver: Box<dyn FrameReceiver>,
         on_exit: OnExit,
     ) {
-        let routing = self.routing.clone();
-        let process = self.process.clone();
-        let id = self.id.clone();
-        let task = tokio::spawn(read_loop(receiver, routing, process, id, on_exit));
+        let reader = Reader {
+            routing: self.routing.clone(),
+            process: self.process.clone(),
+            worker: self.id.clone(),
+            codec: self.codec,
+            outbox: self.outbox.clone(),
+        };
+        let task = tokio::spawn(reader.run(receiver, on_exit));
         // Set exactly once, right after the task is created.
         let _ = self.reader.set(task.abort_handle());
     }
@@ -230,44 +296,59 @@ impl WorkerConn {
             .or(u32::try_from(self.hello.pid).ok().filter(|pid| *pid != 0))
     }
 
+    /// Resident memory, read from the operating system (not under any lock of the pool's).
     pub(crate) fn rss_bytes(&self) -> Option<u64> {
         self.process.as_ref().and_then(|p| p.rss_bytes())
     }
 
     /// Sends a CALL and registers its reply channel. The returned id is the call's request id.
-    pub(crate) async fn send_call(
+    pub(crate) fn send_call(
         &self,
         command: &str,
         args: Payload,
         session: Option<&str>,
         timeout: Option<Duration>,
-    ) -> Result<(u64, mpsc::UnboundedReceiver<Reply>), WorkerExit> {
+    ) -> Result<(u64, mpsc::Receiver<Reply>), SendError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::unbounded_channel();
-        {
-            let mut pending = self.routing.pending.lock();
-            if let Some(death) = self.routing.death.get() {
-                return Err(death.clone());
-            }
-            pending.insert(id, tx);
-        }
         let msg = Message::Call {
             id,
             command: command.into(),
             args: args.value,
             session: session.map(str::to_owned),
             timeout_ms: timeout.map(|t| t.as_millis().min(u64::MAX as u128) as u64),
+            window: Some(self.stream_window),
         };
-        if let Err(reason) = self.send(&msg, &args.attachments).await {
+        let body = protocol::encode(&msg, self.codec, &args.attachments)
+            .map_err(|err| SendError::Encode(err.to_string()))?;
+        if body.len() > self.max_frame {
+            return Err(SendError::TooLarge(body.len()));
+        }
+        let (tx, rx) = mpsc::channel(self.stream_window as usize + REPLY_SLACK);
+        {
+            let mut pending = self.routing.pending.lock();
+            if let Some(death) = self.routing.death.get() {
+                return Err(SendError::Dead(death.clone()));
+            }
+            pending.insert(id, tx);
+        }
+        if self.outbox.send(Outgoing::Frame(body)).is_err() {
             self.routing.pending.lock().remove(&id);
-            return Err(self.exit_report(format!("could not be sent the call: {reason}")));
+            return Err(SendError::Dead(self.death_report(
+                "could not be sent the call: the connection is closed",
+            )));
         }
         Ok((id, rx))
     }
 
     /// Sends CANCEL for a call (best effort).
-    pub(crate) async fn send_cancel(&self, id: u64) -> bool {
-        self.send(&Message::Cancel { id }, &[]).await.is_ok()
+    pub(crate) fn send_cancel(&self, id: u64) -> bool {
+        self.send(&Message::Cancel { id }, &[]).is_ok()
+    }
+
+    /// Grants the worker `n` more stream items for call `id` (best effort: a worker that is gone
+    /// needs no credit).
+    pub(crate) fn send_credit(&self, id: u64, n: u32) {
+        let _ = self.send(&Message::Credit { id, n }, &[]);
     }
 
     /// Forgets a call: any later reply to it is dropped and counted as late.
@@ -280,26 +361,26 @@ impl WorkerConn {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.routing.pings.lock().insert(id, tx);
-        let answered = self.send(&Message::Ping { id }, &[]).await.is_ok()
+        let answered = self.send(&Message::Ping { id }, &[]).is_ok()
             && matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(())));
         self.routing.pings.lock().remove(&id);
         answered
     }
 
-    pub(crate) async fn send_session_end(&self, session: &str) {
-        let _ = self
-            .send(
-                &Message::SessionEnd {
-                    session: session.into(),
-                },
-                &[],
-            )
-            .await;
+    pub(crate) fn send_session_end(&self, session: &str) {
+        let _ = self.send(
+            &Message::SessionEnd {
+                session: session.into(),
+            },
+            &[],
+        );
     }
 
     /// Stops the worker: SHUTDOWN, then SIGTERM, then SIGKILL, each after `grace`; reaps it.
+    /// Calls still pending learn that the pool stopped it.
     pub(crate) async fn stop(&self, grace: Duration) {
-        let _ = self.send(&Message::Shutdown, &[]).await;
+        self.routing.stopping.store(true, Ordering::Release);
+        let _ = self.send(&Message::Shutdown, &[]);
         let Some(process) = &self.process else {
             let _ = self.outbox.send(Outgoing::Close);
             return;
@@ -330,41 +411,45 @@ impl WorkerConn {
         self.kill();
     }
 
-    /// Queues a message for the writer task. Fails only if the connection is already gone; a
-    /// write that fails later stops the reader, which fails every pending call.
-    async fn send(&self, msg: &Message, attachments: &[Bytes]) -> Result<(), String> {
+    /// Queues a message for the writer task. Fails only if the connection is already gone (or
+    /// the message cannot be encoded); a write that fails later stops the reader, which fails
+    /// every pending call.
+    fn send(&self, msg: &Message, attachments: &[Bytes]) -> Result<(), String> {
         let body = protocol::encode(msg, self.codec, attachments).map_err(|e| e.to_string())?;
         self.outbox
             .send(Outgoing::Frame(body))
             .map_err(|_| "the connection is closed".to_owned())
     }
 
-    fn exit_report(&self, reason: String) -> WorkerExit {
-        self.routing
-            .death
-            .get()
-            .cloned()
-            .unwrap_or_else(|| WorkerExit {
+    fn death_report(&self, reason: &str) -> Death {
+        self.routing.death.get().cloned().unwrap_or_else(|| Death {
+            exit: WorkerExit {
                 worker: self.id.clone(),
-                reason,
+                reason: reason.to_owned(),
                 exit: self.process.as_ref().and_then(|p| p.try_exit()),
                 stderr_tail: self
                     .process
                     .as_ref()
                     .map(|p| p.stderr_tail())
                     .unwrap_or_default(),
-            })
+            },
+            stopped: self.routing.stopping.load(Ordering::Acquire),
+        })
     }
 }
 
-/// Reaps a process whose channel is done with: waits briefly, then kills. Returns its exit status
-/// and stderr tail.
+/// Reaps a process whose channel is done with: killed at once, or given a moment to exit by
+/// itself (then killed). Returns its exit status and stderr tail.
 async fn finish_process(
     process: Option<&dyn ProcessHandle>,
+    how: Failure,
 ) -> (Option<super::ExitInfo>, Vec<String>) {
     let Some(process) = process else {
         return (None, Vec::new());
     };
+    if matches!(how, Failure::Kill) {
+        process.kill();
+    }
     let exit = match tokio::time::timeout(EXIT_AFTER_EOF, process.wait()).await {
         Ok(exit) => exit,
         Err(_) => {
@@ -375,57 +460,134 @@ async fn finish_process(
     (Some(exit), process.stderr_tail())
 }
 
-async fn read_loop(
-    mut receiver: Box<dyn FrameReceiver>,
+/// The reader task's state: routes every frame from the worker to the call it belongs to.
+struct Reader {
     routing: Arc<Routing>,
     process: Option<Arc<dyn ProcessHandle>>,
     worker: String,
-    on_exit: OnExit,
-) {
-    // A clean end of stream lets the process exit on its own; anything else is killed at once.
-    let mut clean_eof = false;
-    // The worker's exit is seen from its process, not inferred from the end of its stream: a
-    // descendant may hold the channel open after the worker died. Once it has exited, what it
-    // wrote before is still read, up to `EXIT_DRAIN`.
-    let exited = async {
-        match &process {
-            Some(process) => process.wait().await,
-            None => std::future::pending().await,
+    codec: Codec,
+    /// To cancel a call whose reply could not be taken.
+    outbox: mpsc::UnboundedSender<Outgoing>,
+}
+
+impl Reader {
+    async fn run(self, mut receiver: Box<dyn FrameReceiver>, on_exit: OnExit) {
+        let routing = &self.routing;
+        // A clean end of stream lets the process exit on its own; anything else is killed.
+        let mut clean_eof = false;
+        // The worker's exit is seen from its process, not inferred from the end of its stream:
+        // a descendant may hold the channel open after the worker died. Once it has exited, what
+        // it wrote before is still read, up to `EXIT_DRAIN`.
+        let process = self.process.clone();
+        let exited = async {
+            match &process {
+                Some(process) => process.wait().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(exited);
+        let mut drain_until: Option<tokio::time::Instant> = None;
+        let reason = loop {
+            let received = tokio::select! {
+                biased;
+                _ = routing.kill.notified() => {
+                    break routing.kill_reason.lock().take().unwrap_or_else(|| "was killed".into());
+                }
+                received = receiver.recv() => received,
+                _ = &mut exited, if drain_until.is_none() => {
+                    drain_until = Some(tokio::time::Instant::now() + EXIT_DRAIN);
+                    continue;
+                }
+                _ = sleep_until_some(drain_until) => {
+                    clean_eof = true;
+                    break "exited".to_owned();
+                }
+            };
+            let frame = match received {
+                Ok(Some(frame)) => frame,
+                Ok(None) => {
+                    clean_eof = true;
+                    break if drain_until.is_some() {
+                        "exited".to_owned()
+                    } else {
+                        "closed its channel".to_owned()
+                    };
+                }
+                Err(err) => break format!("channel failed: {err}"),
+            };
+            if let Err(reason) = self.handle(frame) {
+                break reason;
+            }
+        };
+        // Close our side so the worker sees EOF, then learn how it ended.
+        drop(receiver);
+        if !clean_eof {
+            if let Some(process) = &self.process {
+                process.kill();
+            }
         }
-    };
-    tokio::pin!(exited);
-    let mut drain_until: Option<tokio::time::Instant> = None;
-    let reason = loop {
-        let received = tokio::select! {
-            biased;
-            _ = routing.kill.notified() => {
-                break routing.kill_reason.lock().take().unwrap_or_else(|| "was killed".into());
-            }
-            received = receiver.recv() => received,
-            _ = &mut exited, if drain_until.is_none() => {
-                drain_until = Some(tokio::time::Instant::now() + EXIT_DRAIN);
-                continue;
-            }
-            _ = sleep_until_some(drain_until) => {
-                clean_eof = true;
-                break "exited".to_owned();
-            }
+        let how = if clean_eof {
+            Failure::Exiting
+        } else {
+            Failure::Kill
         };
-        let frame = match received {
-            Ok(Some(frame)) => frame,
-            Ok(None) => {
-                clean_eof = true;
-                break if drain_until.is_some() {
-                    "exited".to_owned()
-                } else {
-                    "closed its channel".to_owned()
-                };
-            }
-            Err(err) => break format!("channel failed: {err}"),
+        let (exit, stderr_tail) = finish_process(self.process.as_deref(), how).await;
+        let stopped = routing.stopping.load(Ordering::Acquire);
+        let report = WorkerExit {
+            worker: self.worker.clone(),
+            reason: if stopped && clean_eof {
+                "was stopped by the pool".to_owned()
+            } else {
+                reason
+            },
+            exit,
+            stderr_tail,
         };
+        let death = Death {
+            exit: report.clone(),
+            stopped,
+        };
+        let pending: Pending = {
+            let mut pending = routing.pending.lock();
+            // Publish the death while holding the lock so no call registers after the drain.
+            let _ = routing.death.set(death.clone());
+            std::mem::take(&mut *pending)
+        };
+        routing.pings.lock().clear();
+        // The pool forgets the worker before its callers hear of the death, so a caller that
+        // retries at once cannot be handed the dead worker again.
+        on_exit(report);
+        for (_, tx) in pending {
+            // A full channel holds the call's final reply already; nothing is lost.
+            let _ = tx.try_send(Reply::Dead(death.clone()));
+        }
+    }
+
+    /// Routes one frame. `Err` with the reason when the worker broke the protocol.
+    fn handle(&self, frame: Bytes) -> Result<(), String> {
+        let routing = &self.routing;
         let (msg, attachments) = match protocol::decode(frame) {
             Ok(decoded) => decoded,
-            Err(err) => break format!("sent a bad frame: {err}"),
+            Err(ProtocolError::Value { id, reason }) => {
+                // The frame is intact: only this call fails, and the worker lives on.
+                let error = RemoteError {
+                    kind: "pypool.UndecodableValue".into(),
+                    message: format!(
+                        "the worker's reply cannot be taken as it is: {reason} (values may nest \
+                         at most {} levels, and integers must fit in 64 bits)",
+                        protocol::MAX_DEPTH
+                    ),
+                    traceback: None,
+                };
+                if self.route(id, Reply::Result(Err(error))) {
+                    // The handler may still be producing: stop it.
+                    if let Ok(body) = protocol::encode(&Message::Cancel { id }, self.codec, &[]) {
+                        let _ = self.outbox.send(Outgoing::Frame(body));
+                    }
+                }
+                return Ok(());
+            }
+            Err(err) => return Err(format!("sent a bad frame: {err}")),
         };
         match msg {
             Message::Result { id, ok, error } => {
@@ -436,49 +598,77 @@ async fn read_loop(
                         attachments,
                     })),
                 };
-                route(&routing, id, reply);
+                self.route_checked(id, reply)?;
             }
             Message::Chunk { id, value, .. } => {
-                route(&routing, id, Reply::Chunk(Payload { value, attachments }))
+                self.route_checked(id, Reply::Chunk(Payload { value, attachments }))?
             }
-            Message::End { id } => route(&routing, id, Reply::End),
-            Message::Cancelled { id } => route(&routing, id, Reply::Cancelled),
+            Message::End { id } => self.route_checked(id, Reply::End)?,
+            Message::Cancelled { id } => self.route_checked(id, Reply::Cancelled)?,
             Message::Pong { id } => {
                 if let Some(tx) = routing.pings.lock().remove(&id) {
                     let _ = tx.send(());
                 }
             }
-            Message::Goodbye => tracing::debug!(worker = %worker, "worker said goodbye"),
-            other => break format!("sent an unexpected {} message", other.type_name()),
+            Message::Goodbye => tracing::debug!(worker = %self.worker, "worker said goodbye"),
+            other => return Err(format!("sent an unexpected {} message", other.type_name())),
         }
-    };
-    // Close our side so the worker sees EOF, then learn how it ended.
-    drop(receiver);
-    if !clean_eof {
-        if let Some(process) = &process {
-            process.kill();
+        Ok(())
+    }
+
+    /// [`route`](Self::route), but a worker that sends more stream items than it was granted
+    /// (its call's channel is full) breaks the protocol: flow control is what bounds the pool's
+    /// memory.
+    fn route_checked(&self, id: u64, reply: Reply) -> Result<(), String> {
+        match self.deliver(id, reply) {
+            Delivered::Yes | Delivered::Late => Ok(()),
+            Delivered::Overrun => Err(format!(
+                "sent more stream items for call {id} than the pool granted (flow control)"
+            )),
         }
     }
-    let (exit, stderr_tail) = finish_process(process.as_deref()).await;
-    let report = WorkerExit {
-        worker: worker.clone(),
-        reason,
-        exit,
-        stderr_tail,
-    };
-    let pending: Pending = {
+
+    /// Hands a reply to its call; `true` if a live call took it.
+    fn route(&self, id: u64, reply: Reply) -> bool {
+        matches!(self.deliver(id, reply), Delivered::Yes)
+    }
+
+    fn deliver(&self, id: u64, reply: Reply) -> Delivered {
+        let routing = &self.routing;
         let mut pending = routing.pending.lock();
-        // Publish the death while holding the lock so no call registers after the drain.
-        let _ = routing.death.set(report.clone());
-        std::mem::take(&mut *pending)
-    };
-    routing.pings.lock().clear();
-    // The pool forgets the worker before its callers hear of the death, so a caller that retries
-    // at once cannot be handed the dead worker again.
-    on_exit(report.clone());
-    for (_, tx) in pending {
-        let _ = tx.send(Reply::Dead(report.clone()));
+        let terminal = reply.is_terminal();
+        let outcome = match pending.get(&id) {
+            // The last slots are the terminal replies': a stream item that would take one is
+            // beyond what the pool granted.
+            Some(tx) if !terminal && tx.capacity() <= REPLY_SLACK => Delivered::Overrun,
+            Some(tx) => match tx.try_send(reply) {
+                Ok(()) => Delivered::Yes,
+                Err(mpsc::error::TrySendError::Closed(_)) => Delivered::Late,
+                Err(mpsc::error::TrySendError::Full(_)) => Delivered::Overrun,
+            },
+            None => Delivered::Late,
+        };
+        // An overrun keeps its call registered: the worker is dropped, and the call learns why.
+        if terminal || matches!(outcome, Delivered::Late) {
+            pending.remove(&id);
+        }
+        if matches!(outcome, Delivered::Late) {
+            routing.late_replies.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                call_id = id,
+                "dropped a reply for an unknown or finished call"
+            );
+        }
+        outcome
     }
+}
+
+enum Delivered {
+    Yes,
+    /// Nobody waits for it any more: dropped and counted.
+    Late,
+    /// The call's channel is full: the worker ignored flow control.
+    Overrun,
 }
 
 /// Sleeps until `deadline`, or forever when there is none.
@@ -509,23 +699,4 @@ async fn write_loop(
         }
     }
     let _ = sender.close().await;
-}
-
-fn route(routing: &Routing, id: u64, reply: Reply) {
-    let mut pending = routing.pending.lock();
-    let terminal = reply.is_terminal();
-    let delivered = match pending.get(&id) {
-        Some(tx) => tx.send(reply).is_ok(),
-        None => false,
-    };
-    if terminal || !delivered {
-        pending.remove(&id);
-    }
-    if !delivered {
-        routing.late_replies.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(
-            call_id = id,
-            "dropped a reply for an unknown or finished call"
-        );
-    }
 }

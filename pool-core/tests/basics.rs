@@ -139,14 +139,26 @@ async fn dropping_the_pool_kills_every_worker() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn unknown_command_is_a_handler_error() {
+async fn an_unknown_command_fails_at_once_with_the_known_ones_and_a_suggestion() {
     let launcher = FakeLauncher::builder().build();
     let pool = start(config(1), &launcher).await;
-    let err = pool.call("nope", json!(null)).await.unwrap_err();
-    assert!(
-        matches!(&err, Error::Handler { error, .. } if error.kind == "UnknownCommand"),
-        "{err}"
-    );
+    let calls_before = launcher.calls_seen();
+    let err = pool.call("ech", json!(null)).await.unwrap_err();
+    match &err {
+        Error::UnknownCommand {
+            known, suggestion, ..
+        } => {
+            assert_eq!(suggestion.as_deref(), Some("echo"));
+            assert!(known.iter().any(|c| c == "remember"), "{known:?}");
+            assert_eq!(known, &pool.commands());
+        }
+        other => panic!("expected UnknownCommand, got {other:?}"),
+    }
+    assert!(err.to_string().contains("did you mean 'echo'"), "{err}");
+    assert_eq!(err.kind(), pool_core::ErrorKind::InvalidRequest);
+    assert!(!err.is_transient());
+    // No worker was asked.
+    assert_eq!(launcher.calls_seen(), calls_before);
     finish(pool, &launcher).await;
 }
 
@@ -158,4 +170,28 @@ async fn pool_start_validates_the_config() {
         .unwrap_err();
     assert!(matches!(err, Error::InvalidConfig(_)), "{err}");
     assert_eq!(launcher.launched(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn health_says_healthy_degraded_and_unavailable() {
+    let launcher = FakeLauncher::builder()
+        .on_start(|n| match n {
+            0 | 1 => pool_testkit::StartBehavior::after(ms(0)),
+            _ => pool_testkit::StartBehavior::FailLaunch("no more".into()),
+        })
+        .build();
+    let pool = start(config(2), &launcher).await;
+    tokio::time::sleep(SEC).await;
+    let health = pool.health();
+    assert_eq!(health.state, pool_core::HealthState::Healthy);
+    assert_eq!((health.live_workers, health.wanted_workers), (2, 2));
+    assert_eq!(health.uptime_ms, 1000);
+    assert_eq!(pool.status().uptime_ms, 1000);
+    pool.call("exit", json!({"code": 1})).await.unwrap_err();
+    let health = pool.health();
+    assert_eq!(health.state, pool_core::HealthState::Degraded);
+    assert_eq!(health.live_workers, 1);
+    pool.shutdown(SEC).await;
+    assert_eq!(pool.health().state, pool_core::HealthState::Unavailable);
+    launcher.assert_all_gone();
 }

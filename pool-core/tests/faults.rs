@@ -6,6 +6,8 @@ use common::*;
 use pool_core::{BreakerState, Error, Pool, TimeoutKind};
 use pool_testkit::{FakeLauncher, FakeReply, StartBehavior};
 use serde_json::json;
+use std::time::Duration;
+
 use tokio::time::Instant;
 
 #[tokio::test(start_paused = true)]
@@ -85,7 +87,8 @@ async fn a_crash_mid_call_is_a_typed_error_with_exit_code_and_stderr() {
         other => panic!("expected a crash, got {other:?}"),
     }
     assert!(err.to_string().contains("exit code 3"), "{err}");
-    until("replacement ready", || {
+    // It died within stable_uptime of its start: its replacement waits out a backoff.
+    after_time("replacement ready", SEC, || {
         pool.stats().gauges.workers_ready == 2
     })
     .await;
@@ -136,10 +139,12 @@ async fn breaker_opens_fails_fast_half_opens_and_closes() {
             _ => StartBehavior::after(ms(0)),
         })
         .build();
+    // Only failed launches count here (a crash right after start would count as well).
     let config = config(1)
         .breaker_threshold(3)
         .breaker_cooldown(5 * SEC)
-        .restart_backoff(ms(100));
+        .restart_backoff(ms(100))
+        .stable_uptime(Duration::ZERO);
     let pool = start(config, &launcher).await;
     let _ = pool.call("exit", json!({"code": 1})).await.unwrap_err();
     // Replacement attempts at 0, +100 ms, +200 ms fail: the breaker opens.
@@ -318,5 +323,150 @@ async fn a_busy_remote_worker_that_goes_silent_fails_its_call_within_the_ping_bu
         other => panic!("expected WorkerCrashed, got {other}"),
     }
     assert_serving(&pool).await;
+    finish(pool, &launcher).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn workers_that_die_right_after_their_start_cannot_make_the_pool_spin() {
+    // Every worker but the first dies the moment its handshake is done.
+    let launcher = FakeLauncher::builder()
+        .on_start(|n| match n {
+            0 => StartBehavior::after(ms(0)),
+            _ => StartBehavior::CrashAfterHello(7),
+        })
+        .build();
+    let config = config(1)
+        .restart_backoff(ms(100))
+        .restart_backoff_max(5 * SEC)
+        .breaker_threshold(5)
+        .breaker_cooldown(5 * SEC);
+    let pool = start(config, &launcher).await;
+    let _ = pool.call("exit", json!({"code": 1})).await.unwrap_err();
+    tokio::time::sleep(60 * SEC).await;
+    // Without backoff and breaker this was ~17 launches a second (1,000 a minute).
+    let launches = launcher.launched();
+    assert!(launches <= 16, "{launches} launches in a minute");
+    let status = pool.status();
+    assert_ne!(status.breaker, BreakerState::Closed);
+    let reason = status.last_launch_error.unwrap_or_default();
+    assert!(reason.contains("exit code 7"), "{reason}");
+    assert!(
+        reason.contains("crashing right after its start"),
+        "{reason}"
+    );
+    // Calls fail fast with that reason while no worker lives.
+    let err = pool.call("echo", json!(1)).await.unwrap_err();
+    match &err {
+        Error::CircuitOpen { last_error, .. } => assert!(last_error.contains("exit code 7")),
+        other => panic!("expected CircuitOpen, got {other:?}"),
+    }
+    finish(pool, &launcher).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_that_every_call_crashes_is_relaunched_with_backoff() {
+    let launcher = FakeLauncher::builder().build();
+    let config = config(1)
+        .restart_backoff(ms(100))
+        .restart_backoff_max(5 * SEC)
+        .breaker_threshold(5)
+        .breaker_cooldown(5 * SEC)
+        .checkout_timeout(SEC);
+    let pool = start(config, &launcher).await;
+    let started = Instant::now();
+    while started.elapsed() < 60 * SEC {
+        // Every call kills its worker moments after it started; a caller tries every 10 ms.
+        let _ = pool.call("exit", json!({"code": 1})).await;
+        tokio::time::sleep(ms(10)).await;
+    }
+    // Without counting these deaths it was ~64 launches a second.
+    let launches = launcher.launched();
+    assert!(launches <= 20, "{launches} launches in a minute");
+    finish(pool, &launcher).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_that_lives_past_stable_uptime_forgives_earlier_failures() {
+    let launcher = FakeLauncher::builder()
+        .on_start(|n| match n {
+            1 | 2 => StartBehavior::FailLaunch(format!("spawn failed #{n}")),
+            _ => StartBehavior::after(ms(0)),
+        })
+        .build();
+    let pool = start(config(1).stable_uptime(10 * SEC), &launcher).await;
+    let _ = pool.call("exit", json!({"code": 1})).await.unwrap_err();
+    after_time("replaced", 5 * SEC, || pool.status().workers.len() == 1).await;
+    assert!(pool.status().launch_failures_in_a_row >= 2);
+    tokio::time::sleep(12 * SEC).await;
+    assert_eq!(pool.status().launch_failures_in_a_row, 0);
+    finish(pool, &launcher).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_that_breaks_the_protocol_before_hello_is_killed_at_once() {
+    // It sends garbage, then would live on: nothing to wait for.
+    let launcher = FakeLauncher::builder()
+        .on_start(|_| StartBehavior::GarbageThenHang)
+        .build();
+    let config = config(1)
+        .breaker_threshold(5)
+        .restart_backoff(ms(100))
+        .restart_backoff_max(5 * SEC);
+    let started = Instant::now();
+    let err = Pool::start(config, launcher.clone()).await.unwrap_err();
+    assert!(matches!(err, Error::StartFailed { .. }), "{err}");
+    // Five attempts with 100 + 200 + 400 + 800 ms of backoff between them, and no grace.
+    assert!(
+        started.elapsed() <= ms(1500),
+        "start failed only after {:?}",
+        started.elapsed()
+    );
+    launcher.assert_all_gone();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_that_never_says_hello_is_killed_at_its_handshake_timeout() {
+    let launcher = FakeLauncher::builder()
+        .on_start(|_| StartBehavior::Hang)
+        .build();
+    let config = config(1)
+        .handshake_timeout(ms(800))
+        .breaker_threshold(5)
+        .restart_backoff(ms(100))
+        .restart_backoff_max(5 * SEC);
+    let started = Instant::now();
+    let err = Pool::start(config, launcher.clone()).await.unwrap_err();
+    assert!(matches!(err, Error::StartFailed { .. }), "{err}");
+    // 5 × 0.8 s handshakes and 1.5 s of backoff; each kill is immediate.
+    assert!(
+        started.elapsed() <= ms(5 * 800 + 1500),
+        "start failed only after {:?}",
+        started.elapsed()
+    );
+    launcher.assert_all_gone();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_waiting_through_a_failed_overflow_launch_is_served_by_the_next() {
+    // No permanent workers: every worker is an overflow worker, and the first launch fails.
+    let launcher = FakeLauncher::builder()
+        .on_start(|n| match n {
+            0 => StartBehavior::FailLaunch("spawn failed".into()),
+            _ => StartBehavior::after(ms(0)),
+        })
+        .build();
+    let config = config(0)
+        .max_overflow(1)
+        .min_ready(0)
+        .restart_backoff(ms(100))
+        .checkout_timeout(30 * SEC);
+    let pool = start(config, &launcher).await;
+    let asked = Instant::now();
+    assert_eq!(
+        value(pool.call("echo", json!({"value": 5}))).await,
+        json!(5)
+    );
+    // Served after the backoff, not after the checkout timeout.
+    assert_eq!(asked.elapsed(), ms(100));
     finish(pool, &launcher).await;
 }

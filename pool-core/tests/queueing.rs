@@ -85,7 +85,7 @@ async fn checkout_timeout_names_pool_session_command_and_wait() {
     until("worker busy", || pool.stats().gauges.workers_busy == 1).await;
     let err = pool
         .session("user-7")
-        .call("predict", json!(null))
+        .call("echo", json!(null))
         .await
         .unwrap_err();
     match &err {
@@ -97,7 +97,7 @@ async fn checkout_timeout_names_pool_session_command_and_wait() {
         } => {
             assert_eq!(&*context.pool, "models");
             assert_eq!(context.session.as_deref(), Some("user-7"));
-            assert_eq!(&*context.command, "predict");
+            assert_eq!(&*context.command, "echo");
             assert_eq!(*waited, 5 * SEC);
         }
         other => panic!("expected a checkout timeout, got {other:?}"),

@@ -80,7 +80,9 @@ async fn strict_session_whose_worker_died_fails_with_session_worker_lost() {
         .await
         .unwrap_err();
     match &err {
-        Error::SessionWorkerLost { session, .. } => assert_eq!(session, "s"),
+        Error::SessionWorkerLost { context, .. } => {
+            assert_eq!(context.session.as_deref(), Some("s"))
+        }
         other => panic!("expected SessionWorkerLost, got {other:?}"),
     }
     // The rest of the pool is unaffected.
@@ -206,5 +208,128 @@ async fn a_call_on_an_ended_handle_does_not_touch_the_new_session_of_the_same_id
     assert_eq!(long.await.unwrap().unwrap().value, json!("done"));
     assert_eq!(pool.stats().counters.sessions_expired, 0);
     assert_eq!(pool.status().sessions[0].calls, 1);
+    finish(pool, &launcher).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn strict_no_wait_fails_at_once_when_the_sessions_worker_is_busy() {
+    let launcher = FakeLauncher::builder()
+        .on("work", |_| FakeReply::ok(json!("done")).after(SEC))
+        .build();
+    let pool = start(config(2), &launcher).await;
+    let session = pool.session_with("s", Affinity::StrictNoWait);
+    session.call("echo", json!(1)).await.unwrap();
+    let bound = pool.status().sessions[0].last_worker.clone();
+    let running = tokio::spawn(session.call("work", json!(null)));
+    until("busy", || pool.stats().gauges.workers_busy == 1).await;
+    let asked = tokio::time::Instant::now();
+    let err = session.call("echo", json!(2)).await.unwrap_err();
+    assert_eq!(asked.elapsed(), ms(0));
+    match &err {
+        Error::WorkerBusy { worker, context } => {
+            assert_eq!(Some(worker.clone()), bound);
+            assert_eq!(context.session.as_deref(), Some("s"));
+        }
+        other => panic!("expected WorkerBusy, got {other:?}"),
+    }
+    assert!(err.is_transient());
+    assert_eq!(running.await.unwrap().unwrap().value, json!("done"));
+    // Free again: served.
+    assert_eq!(
+        session.call("echo", json!(3)).await.unwrap().value,
+        json!(3)
+    );
+    finish(pool, &launcher).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_sessions_refuses_one_more_session() {
+    let launcher = FakeLauncher::builder().build();
+    let pool = start(config(1).max_sessions(2), &launcher).await;
+    pool.session("a").call("echo", json!(1)).await.unwrap();
+    pool.session("b").call("echo", json!(1)).await.unwrap();
+    let err = pool.session("c").call("echo", json!(1)).await.unwrap_err();
+    assert!(
+        matches!(err, Error::TooManySessions { max: 2, .. }),
+        "{err}"
+    );
+    // Existing sessions go on; ending one makes room.
+    pool.session("a").call("echo", json!(2)).await.unwrap();
+    pool.session("b").end().await;
+    pool.session("c").call("echo", json!(1)).await.unwrap();
+    finish(pool, &launcher).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn expiry_ending_and_lost_workers_are_announced() {
+    let launcher = FakeLauncher::builder().build();
+    let pool = start(config(2).session_ttl(10 * SEC), &launcher).await;
+    let mut events = pool.session_events();
+    pool.session("idle").call("echo", json!(1)).await.unwrap();
+    let strict = pool.session_with("strict", Affinity::Strict);
+    strict.call("echo", json!(1)).await.unwrap();
+    strict.call("exit", json!({"code": 3})).await.unwrap_err();
+    let lost = events.recv().await.unwrap();
+    assert!(
+        matches!(&lost, pool_core::SessionEvent::WorkerLost { session, .. } if session == "strict"),
+        "{lost:?}"
+    );
+    strict.end().await;
+    assert_eq!(
+        events.recv().await.unwrap(),
+        pool_core::SessionEvent::Ended {
+            session: "strict".into()
+        }
+    );
+    let expired = tokio::time::timeout(20 * SEC, events.recv())
+        .await
+        .expect("expiry announced")
+        .unwrap();
+    assert_eq!(
+        expired,
+        pool_core::SessionEvent::Expired {
+            session: "idle".into()
+        }
+    );
+    finish(pool, &launcher).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn ending_a_session_fails_its_queued_calls_and_stays_ended_for_its_handles() {
+    let launcher = FakeLauncher::builder()
+        .on("work", |_| FakeReply::ok(json!("done")).after(SEC))
+        .build();
+    let pool = start(config(1), &launcher).await;
+    let session = pool.session_with("s", Affinity::Strict);
+    let running = tokio::spawn(session.call("work", json!(null)));
+    until("running", || launcher.calls_seen() == 1).await;
+    let queued = tokio::spawn(session.call("echo", json!(1)));
+    until("queued", || pool.stats().gauges.waiters == 1).await;
+    session.end().await;
+    let err = queued.await.unwrap().unwrap_err();
+    assert!(matches!(err, Error::SessionEnded { .. }), "{err}");
+    // A clone of the ended handle cannot bring the session back.
+    let clone = session.clone();
+    let err = clone.call("echo", json!(2)).await.unwrap_err();
+    assert!(matches!(err, Error::SessionEnded { .. }), "{err}");
+    running.await.unwrap().unwrap();
+    assert!(pool.status().sessions.is_empty());
+    finish(pool, &launcher).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_temporary_session_handle_can_be_collected_and_awaited_later() {
+    let launcher = FakeLauncher::builder().build();
+    let pool = start(config(2), &launcher).await;
+    let calls: Vec<_> = (0..4)
+        .map(|i| {
+            pool.session(format!("user-{i}"))
+                .call("echo", json!({ "value": i }))
+        })
+        .collect();
+    let results = futures::future::join_all(calls).await;
+    for (i, result) in results.into_iter().enumerate() {
+        assert_eq!(result.unwrap().value, json!(i));
+    }
     finish(pool, &launcher).await;
 }

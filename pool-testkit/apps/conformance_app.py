@@ -87,6 +87,29 @@ def stream(n):
 
 
 @handler
+def count():
+    """Stream 0, 1, 2, ... forever: only a cancel stops it."""
+    i = 0
+    while True:
+        yield i
+        i += 1
+
+
+@handler
+def nested(depth):
+    """A value nested ``depth`` lists deep, with 1 at the bottom."""
+    value = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@handler
+def power_of_two(n, negative=False):
+    return -(2 ** n) if negative else 2 ** n
+
+
+@handler
 def stderr_then_exit(code, line):
     sys.stderr.write(line + "\n")
     sys.stderr.flush()

@@ -73,6 +73,7 @@ pub fn call_sized_frame() -> Vec<u8> {
         args: noop_args(),
         session: None,
         timeout_ms: Some(60_000),
+        window: Some(16),
     };
     // Encoding a constant message cannot fail.
     let body = encode(&call, Codec::Json, &[]).expect("constant message encodes");

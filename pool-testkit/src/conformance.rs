@@ -167,14 +167,17 @@ pub async fn handler_exception(target: &dyn Target) {
     finish(target, pool, pid_before).await;
 }
 
-/// An unknown command names the known ones; the worker keeps serving.
+/// An unknown command fails at once with the commands the workers announced (and the closest
+/// one); the workers keep serving.
 pub async fn unknown_command(target: &dyn Target) {
     let pool = start(target, config(target).size(1)).await;
-    let err = pool.call("no_such_command", json!({})).await.unwrap_err();
+    let err = pool.call("ecoh", json!({})).await.unwrap_err();
     match &err {
-        Error::Handler { error, .. } => {
-            assert_eq!(error.kind, "UnknownCommand");
-            assert!(error.message.contains("echo"), "{}", error.message);
+        Error::UnknownCommand {
+            known, suggestion, ..
+        } => {
+            assert!(known.iter().any(|c| c == "echo"), "{known:?}");
+            assert_eq!(suggestion.as_deref(), Some("echo"));
         }
         other => panic!("expected UnknownCommand, got {other}"),
     }
@@ -419,6 +422,117 @@ pub async fn drop_leaves_no_process(target: &dyn Target) {
     }
 }
 
+/// The worker that answers `pid` (a pool of one).
+async fn worker_pid(pool: &Pool) -> u64 {
+    ok(pool.call("pid", json!({})).await)
+        .value
+        .as_u64()
+        .expect("a pid")
+}
+
+/// A result nested deeper than the pool decodes fails its call with a handler-level error; the
+/// worker lives on, and values within the limit arrive intact.
+pub async fn deep_results_fail_only_their_call(target: &dyn Target) {
+    if !target.real_processes() {
+        return; // About what Python's encoders produce: real workers only.
+    }
+    let pool = start(target, config(target).size(1)).await;
+    let pid = worker_pid(&pool).await;
+    let mut expected = json!(1);
+    for _ in 0..90 {
+        expected = json!([expected]);
+    }
+    assert_eq!(
+        ok(pool.call("nested", json!({"depth": 90})).await).value,
+        expected
+    );
+    let err = pool
+        .call("nested", json!({"depth": 150}))
+        .await
+        .unwrap_err();
+    match &err {
+        Error::Handler { error, .. } => {
+            assert_eq!(error.kind, "pypool.UndecodableValue", "{err}")
+        }
+        other => panic!("expected a handler-level error, got {other}"),
+    }
+    assert_eq!(worker_pid(&pool).await, pid, "the worker was replaced");
+    finish(target, pool, vec![pid as u32]).await;
+}
+
+/// Integers round-trip exactly within 64 bits; beyond, the call fails instead of the value
+/// silently becoming a float.
+pub async fn integers_beyond_64_bits_are_an_error_not_a_float(target: &dyn Target) {
+    if !target.real_processes() {
+        return; // About what Python's encoders produce: real workers only.
+    }
+    let pool = start(target, config(target).size(1)).await;
+    let pid = worker_pid(&pool).await;
+    let max = ok(pool.call("power_of_two", json!({"n": 63})).await).value;
+    assert_eq!(max.as_u64(), Some(1 << 63));
+    let min = ok(pool
+        .call("power_of_two", json!({"n": 63, "negative": true}))
+        .await)
+    .value;
+    assert_eq!(min.as_i64(), Some(i64::MIN));
+    for (n, negative) in [(64, false), (70, false), (64, true)] {
+        let err = pool
+            .call("power_of_two", json!({"n": n, "negative": negative}))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Handler { .. }),
+            "2**{n} (negative: {negative}) gave {err}"
+        );
+    }
+    assert_eq!(worker_pid(&pool).await, pid, "the worker was replaced");
+    finish(target, pool, vec![pid as u32]).await;
+}
+
+/// Arguments that cannot be sent (a placeholder with no attachment, values nested too deep)
+/// fail their call before anything is sent; the worker is untouched.
+pub async fn invalid_arguments_fail_only_their_call(target: &dyn Target) {
+    let pool = start(target, config(target).size(1)).await;
+    let pid = worker_pid(&pool).await;
+    let err = pool
+        .call("echo", json!({"value": {"__pypool_att__": 0}}))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArguments { .. }), "{err}");
+    let mut deep = json!(1);
+    for _ in 0..1000 {
+        deep = json!([deep]);
+    }
+    let err = pool
+        .call("echo", json!({ "value": deep }))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArguments { .. }), "{err}");
+    assert_eq!(worker_pid(&pool).await, pid, "the worker was replaced");
+    finish(target, pool, vec![pid as u32]).await;
+}
+
+/// `call` on a stream that never ends stops at `max_reply_bytes` and cancels the handler; the
+/// worker lives on. Requests larger than `max_frame` are refused before they are sent.
+pub async fn reply_and_request_limits_spare_the_worker(target: &dyn Target) {
+    let config = config(target)
+        .size(1)
+        .max_reply_bytes(64 * 1024)
+        .max_frame(1024 * 1024);
+    let pool = start(target, config).await;
+    let pid = worker_pid(&pool).await;
+    let err = pool.call("count", json!({})).await.unwrap_err();
+    assert!(matches!(err, Error::ReplyTooLarge { .. }), "{err}");
+    let err = pool
+        .call("echo", Payload::from_bytes(vec![7u8; 2 * 1024 * 1024]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::RequestTooLarge { .. }), "{err}");
+    assert_eq!(worker_pid(&pool).await, pid, "the worker was replaced");
+    assert_eq!(pool.stats().counters.killed, 0);
+    finish(target, pool, vec![pid as u32]).await;
+}
+
 /// Expands to one `#[tokio::test]` per conformance case for `$target` (an expression whose type
 /// implements [`Target`]).
 #[macro_export]
@@ -437,6 +551,10 @@ macro_rules! conformance_suite {
             session_state_with_strict_affinity,
             async_calls_run_concurrently_in_one_worker,
             stream_of_a_thousand_chunks,
+            deep_results_fail_only_their_call,
+            integers_beyond_64_bits_are_an_error_not_a_float,
+            invalid_arguments_fail_only_their_call,
+            reply_and_request_limits_spare_the_worker,
             shutdown_leaves_no_process,
             drop_leaves_no_process,
         );

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use pool_core::protocol::{self, Codec, Hello, Message, RemoteError};
 use pool_core::{ExitInfo, LaunchError, Launched, Launcher, ProcessHandle, WorkerSpec};
 use serde_json::Value;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::AbortHandle;
 
 use crate::channel::{memory_channel, PeerEnd};
@@ -25,6 +25,7 @@ struct Registry {
     live_pids: Mutex<HashSet<u32>>,
     session_ends: Mutex<Vec<(u64, String)>>,
     calls_seen: AtomicU64,
+    items_sent: AtomicU64,
 }
 
 /// A [`Launcher`] for pool logic tests: each "process" is a tokio task that follows a [`Script`]
@@ -148,6 +149,11 @@ impl FakeLauncher {
     /// CALL messages the workers received.
     pub fn calls_seen(&self) -> u64 {
         self.registry.calls_seen.load(Ordering::SeqCst)
+    }
+
+    /// Stream items the workers have sent.
+    pub fn items_sent(&self) -> u64 {
+        self.registry.items_sent.load(Ordering::SeqCst)
     }
 
     /// SESSION_END messages received, as (worker launch number, session).
@@ -360,6 +366,10 @@ impl FakeWorker {
     /// Runs the worker; returns its exit code.
     async fn run(mut self, mut peer: PeerEnd, behavior: StartBehavior) -> i32 {
         let json = |msg: &Message| protocol::encode(msg, Codec::Json, &[]).ok();
+        let crash_after_hello = match &behavior {
+            StartBehavior::CrashAfterHello(code) => Some(*code),
+            _ => None,
+        };
         match behavior {
             StartBehavior::Ok { delay } => tokio::time::sleep(delay).await,
             StartBehavior::FailLaunch(_) => return 1,
@@ -388,19 +398,30 @@ impl FakeWorker {
                 let _ = peer.tx.send(Bytes::from_static(b"\xffnot a frame")).await;
                 return 3;
             }
+            StartBehavior::GarbageThenHang => {
+                let _ = peer.tx.send(Bytes::from_static(b"\xffnot a frame")).await;
+                std::future::pending::<()>().await;
+            }
+            StartBehavior::CrashAfterHello(_) => {}
         }
         let mut codecs = vec!["json".to_owned()];
         if self.script.msgpack {
             codecs.push("msgpack".into());
         }
         let hello = Message::Hello(Hello {
-            protocol: 1,
+            protocol: pool_core::protocol::PROTOCOL_VERSION,
             runtime: "pool-testkit/fake".into(),
             python: "fake".into(),
             pid: u64::from(self.pid),
             worker_id: self.worker_id.clone(),
             codecs,
-            commands: self.script.commands.keys().cloned().collect(),
+            commands: self
+                .script
+                .commands
+                .keys()
+                .cloned()
+                .chain(["remember".to_owned(), "recall".to_owned()])
+                .collect(),
             max_in_flight: self.script.max_in_flight,
             features: vec!["stream".into(), "cancel".into()],
         });
@@ -412,8 +433,14 @@ impl FakeWorker {
             Some(Ok((Message::Welcome(w), _))) => Codec::from_name(&w.codec).unwrap_or(Codec::Json),
             _ => return 1,
         };
+        if let Some(code) = crash_after_hello {
+            self.log(format!(
+                "fake worker crashing right after its start, code {code}"
+            ));
+            return code;
+        }
         let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
-        let mut running: HashMap<u64, (AbortHandle, bool)> = HashMap::new();
+        let mut running: HashMap<u64, Running> = HashMap::new();
         let mut nth = 0u64;
         loop {
             let frame = tokio::select! {
@@ -421,6 +448,9 @@ impl FakeWorker {
                 Some(event) = events.recv() => {
                     match event {
                         Event::Send(msg, att) => {
+                            if matches!(msg, Message::Chunk { .. }) {
+                                self.registry.items_sent.fetch_add(1, Ordering::SeqCst);
+                            }
                             let Ok(body) = protocol::encode(&msg, codec, &att) else { return 1 };
                             if peer.tx.send(body).await.is_err() { return 0; }
                         }
@@ -451,6 +481,7 @@ impl FakeWorker {
                     command,
                     args,
                     session,
+                    window,
                     ..
                 } => {
                     self.registry.calls_seen.fetch_add(1, Ordering::SeqCst);
@@ -499,14 +530,29 @@ impl FakeWorker {
                     }
                     let cancellable = reply.cancellable;
                     let events = events_tx.clone();
-                    let task = tokio::spawn(perform(id, command, reply, events));
-                    running.insert(id, (task.abort_handle(), cancellable));
+                    let credits = Arc::new(Semaphore::new(
+                        window.map_or(Semaphore::MAX_PERMITS, |w| w as usize),
+                    ));
+                    let task = tokio::spawn(perform(id, command, reply, events, credits.clone()));
+                    running.insert(
+                        id,
+                        Running {
+                            task: task.abort_handle(),
+                            cancellable,
+                            credits,
+                        },
+                    );
                 }
                 Message::Cancel { id } => {
-                    if let Some((task, true)) = running.get(&id) {
-                        task.abort();
+                    if let Some(call) = running.get(&id).filter(|call| call.cancellable) {
+                        call.task.abort();
                         running.remove(&id);
                         let _ = events_tx.send(Event::Send(Message::Cancelled { id }, Vec::new()));
+                    }
+                }
+                Message::Credit { id, n } => {
+                    if let Some(call) = running.get(&id) {
+                        call.credits.add_permits(n as usize);
                     }
                 }
                 Message::Ping { id } => {
@@ -560,14 +606,27 @@ impl FakeWorker {
     }
 }
 
-async fn perform(id: u64, command: String, reply: FakeReply, events: mpsc::UnboundedSender<Event>) {
+/// A call a fake worker is running.
+struct Running {
+    task: AbortHandle,
+    cancellable: bool,
+    /// Stream items it may still send (flow control).
+    credits: Arc<Semaphore>,
+}
+
+async fn perform(
+    id: u64,
+    command: String,
+    reply: FakeReply,
+    events: mpsc::UnboundedSender<Event>,
+    credits: Arc<Semaphore>,
+) {
     // A zero sleep would still wait for the timer wheel's next millisecond tick.
     if !reply.latency.is_zero() {
         tokio::time::sleep(reply.latency).await;
     }
-    let send = |msg: Message| {
-        let _ = events.send(Event::Send(msg, Vec::new()));
-    };
+    // `false` once the worker is gone: its calls end with it.
+    let send = |msg: Message| events.send(Event::Send(msg, Vec::new())).is_ok();
     match reply.action {
         Action::Ok(value, attachments) => {
             let _ = events.send(Event::Send(
@@ -591,17 +650,41 @@ async fn perform(id: u64, command: String, reply: FakeReply, events: mpsc::Unbou
                     message,
                     traceback: Some(traceback),
                 }),
-            })
+            });
         }
         Action::Stream(items) => {
             for (seq, value) in items.into_iter().enumerate() {
-                send(Message::Chunk {
+                if reply.flow_control {
+                    take_credit(&credits).await;
+                }
+                let sent = send(Message::Chunk {
                     id,
                     seq: seq as u64,
                     value,
                 });
+                if !sent {
+                    return;
+                }
             }
             send(Message::End { id });
+        }
+        Action::Endless => {
+            for seq in 0u64.. {
+                if reply.flow_control {
+                    take_credit(&credits).await;
+                } else if seq % 64 == 0 {
+                    // A flood, but one that lets the worker's other tasks run.
+                    tokio::task::yield_now().await;
+                }
+                let sent = send(Message::Chunk {
+                    id,
+                    seq,
+                    value: Value::from(seq),
+                });
+                if !sent {
+                    return;
+                }
+            }
         }
         Action::Crash(code) => {
             let _ = events.send(Event::Exit(code));
@@ -619,6 +702,15 @@ async fn perform(id: u64, command: String, reply: FakeReply, events: mpsc::Unbou
         }
     }
     let _ = events.send(Event::Done(id));
+}
+
+/// Waits for the pool's credit to send one more stream item.
+async fn take_credit(credits: &Semaphore) {
+    match credits.acquire().await {
+        Ok(permit) => permit.forget(),
+        // Never closed: the worker's main loop holds the semaphore as long as the call runs.
+        Err(_) => std::future::pending().await,
+    }
 }
 
 /// The fakes as a conformance [`Target`](crate::conformance::Target), so the suite itself is

@@ -38,6 +38,8 @@ pub enum Action {
     },
     /// Stream these items, then END.
     Stream(Vec<Value>),
+    /// Stream items (`0`, `1`, …) forever, like a generator that never ends.
+    Endless,
     /// Exit the process with this code, without replying.
     Crash(i32),
     /// Die from this signal, without replying.
@@ -58,6 +60,9 @@ pub struct FakeReply {
     pub latency: Duration,
     /// Whether CANCEL stops the work (answering CANCELLED). Default: yes.
     pub cancellable: bool,
+    /// Whether a stream waits for the pool's CREDIT (flow control), as a conforming worker
+    /// does. Default: yes; `false` floods the pool with items.
+    pub flow_control: bool,
 }
 
 impl FakeReply {
@@ -66,6 +71,7 @@ impl FakeReply {
             action,
             latency: Duration::ZERO,
             cancellable: true,
+            flow_control: true,
         }
     }
     /// Reply with `value`.
@@ -90,6 +96,16 @@ impl FakeReply {
     /// Stream `items`.
     pub fn stream(items: Vec<Value>) -> Self {
         Self::of(Action::Stream(items))
+    }
+    /// Stream items forever (until cancelled).
+    pub fn endless_stream() -> Self {
+        Self::of(Action::Endless)
+    }
+    /// Send stream items without waiting for the pool's CREDIT: a worker that breaks flow
+    /// control.
+    pub fn ignoring_flow_control(mut self) -> Self {
+        self.flow_control = false;
+        self
     }
     /// Exit with `code`.
     pub fn crash(code: i32) -> Self {
@@ -134,8 +150,13 @@ pub enum StartBehavior {
     ExitBeforeHello(String),
     /// The worker never says HELLO.
     Hang,
-    /// The worker sends garbage instead of HELLO.
+    /// The worker sends garbage instead of HELLO and exits with code 3.
     Garbage,
+    /// The worker sends garbage instead of HELLO and then lives on (until killed).
+    GarbageThenHang,
+    /// The worker completes its handshake and exits with this code at once, writing a line to
+    /// stderr first: a worker that dies soon after every start.
+    CrashAfterHello(i32),
 }
 
 impl StartBehavior {
@@ -200,6 +221,7 @@ impl Script {
                 .after(Duration::from_secs_f64(seconds.max(0.0)))
         });
         self.on("kill_self", |_| FakeReply::killed(9));
+        self.on("count", |_| FakeReply::endless_stream());
         self.on("add", |call| {
             match (call.args["a"].as_i64(), call.args["b"].as_i64()) {
                 (Some(a), Some(b)) => FakeReply::ok(json!(a + b)),

@@ -1,4 +1,4 @@
-"""pypool wire protocol v1: framing and body codec (see PROTOCOL.md).
+"""pypool wire protocol v2: framing and body codec (see PROTOCOL.md).
 
 A frame is ``u32 BE length`` + body; a body is ``codec byte`` + ``u32 BE header_len`` + header +
 attachments. Byte strings inside values never go through the header codec: they travel as raw
@@ -18,7 +18,7 @@ try:  # optional: the pool picks msgpack only when both sides announce it
 except ImportError:  # pragma: no cover - depends on the environment
     _msgpack = None
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 JSON = "json"
 MSGPACK = "msgpack"
@@ -47,6 +47,15 @@ class ProtocolError(Exception):
 
 class FrameTooLarge(ValueError):
     """An outgoing frame would exceed the negotiated ``max_frame``."""
+
+
+class BadCall(ProtocolError):
+    """A well-formed CALL whose arguments cannot be used (an attachment placeholder that names
+    no attachment). Only that call fails: ``header`` holds its id."""
+
+    def __init__(self, header, message):
+        super().__init__(message)
+        self.header = header
 
 
 # Errors raised by this package are reported under the public package name.
@@ -200,14 +209,18 @@ def _is_u64(value):
     return type(value) is int and value >= 0
 
 
+class _Dangling(Exception):
+    pass
+
+
 def _resolve_placeholders(value, atts):
     """Replace placeholder maps by their attachment bytes, in place where possible."""
     if type(value) is dict:
         if len(value) == 1 and ATT_KEY in value:
             index = value[ATT_KEY]
             if not _is_u64(index) or index >= len(atts):
-                raise ProtocolError("attachment placeholder %r out of range (%d attachments)"
-                                    % (index, len(atts)))
+                raise _Dangling("attachment placeholder %r out of range (%d attachments)"
+                                % (index, len(atts)))
             return atts[index]
         for key, item in value.items():
             if type(item) is dict or type(item) is list:
@@ -271,7 +284,12 @@ def decode_body(body):
         for n in lengths:
             atts.append(bytes(mv[offset:offset + n]))
             offset += n
-        header = _resolve_placeholders(header, atts)
+        try:
+            header = _resolve_placeholders(header, atts)
+        except _Dangling as exc:
+            if header["type"] == "call" and _is_u64(header.get("id")):
+                raise BadCall(header, str(exc)) from None
+            raise ProtocolError(str(exc)) from None
     return header
 
 

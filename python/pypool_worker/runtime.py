@@ -56,7 +56,7 @@ EXIT_OK = 0
 EXIT_STARTUP = 2
 EXIT_PROTOCOL = 3
 
-FEATURES = ["stream", "cancel", "async", "session_state"]
+FEATURES = ["stream", "cancel", "async", "session_state", "flow"]
 PARENT_POLL_SECONDS = 0.5
 # Error texts are capped so that one huge message cannot make the error itself unsendable.
 _MAX_ERROR_TEXT = 1 << 20
@@ -484,13 +484,20 @@ def _opt_str(msg, field):
 
 
 class _Call:
-    __slots__ = ("id", "handler", "ctx", "task", "on_loop", "uses_loop")
+    __slots__ = ("id", "handler", "ctx", "task", "on_loop", "uses_loop", "granted", "sent",
+                 "_credit")
 
-    def __init__(self, call_id, handler_, ctx):
+    def __init__(self, call_id, handler_, ctx, window=None):
         self.id = call_id
         self.handler = handler_
         self.ctx = ctx
         self.task = None
+        # Flow control: stream items the pool has allowed so far (None: no limit), and items
+        # sent. Each has one writer (the reader thread or the loop; the producer), so neither
+        # loses an update; the producer may send while sent < granted.
+        self.granted = window
+        self.sent = 0
+        self._credit = None  # threading.Condition, or asyncio.Event on the loop; made on first wait
         # True exactly while the call's task is suspended inside handler code on the loop,
         # i.e. while task.cancel() would interrupt the handler and nothing else.
         self.on_loop = False
@@ -595,7 +602,11 @@ class Worker:
         dispatch = self._dispatch
         try:
             while True:
-                msg = recv()
+                try:
+                    msg = recv()
+                except protocol.BadCall as exc:
+                    self._reject_call(exc.header, str(exc))
+                    continue
                 if msg is None:
                     _take_down_group("channel closed, exiting")
                 dispatch(msg)
@@ -616,6 +627,8 @@ class Worker:
             self.channel.send({"type": "pong", "id": _u64(msg, "id")})
         elif kind == "cancel":
             self._on_cancel(msg)
+        elif kind == "credit":
+            self._on_credit(msg)
         elif kind == "session_end":
             self._sessions.pop(_str(msg, "session"), None)
         elif kind == "shutdown":
@@ -643,13 +656,22 @@ class Worker:
         session = self._sessions.setdefault(session_id, {}) if session_id is not None else {}
         deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000.0
         ctx = Context(call_id, session_id, session, deadline, command, _loop=self._loop)
-        call = _Call(call_id, handler_, ctx)
+        window = msg.get("window")
+        if window is not None and (type(window) is not int or window < 1):
+            raise ProtocolError("call message: 'window' must be a positive integer, got %r"
+                                % (window,))
+        call = _Call(call_id, handler_, ctx, window)
         self._calls[call_id] = call
         if handler_.on_loop:
             call.uses_loop = True
             self._loop.call_soon_threadsafe(self._start_on_loop, call, msg.get("args"), None)
         else:
             self._sync_queue.put((call, msg.get("args")))
+
+    def _reject_call(self, header, message):
+        """Answer a well-formed call whose arguments cannot be used; the worker goes on."""
+        self.channel.send({"type": "result", "id": header["id"], "error": {
+            "type": "InvalidArguments", "message": message, "traceback": None}})
 
     def _on_cancel(self, msg):
         call = self._calls.get(_u64(msg, "id"))
@@ -660,6 +682,61 @@ class Worker:
         call.ctx._cancelled = True
         if call.uses_loop:
             self._loop.call_soon_threadsafe(self._cancel_on_loop, call)
+        else:
+            self._wake_producer(call)  # a stream waiting for credit sees the cancel
+
+    def _on_credit(self, msg):
+        call = self._calls.get(_u64(msg, "id"))
+        n = _u64(msg, "n")
+        if call is None or call.granted is None:
+            return  # the stream has ended meanwhile
+        if call.uses_loop:
+            self._loop.call_soon_threadsafe(self._credit_on_loop, call, n)
+            return
+        # Grant first, look for a waiting producer second (it sets _credit before it checks the
+        # grant): one of the two always sees the other.
+        call.granted += n
+        self._wake_producer(call)
+
+    @staticmethod
+    def _wake_producer(call):
+        cond = call._credit
+        if cond is not None and not call.uses_loop:
+            with cond:
+                cond.notify()
+
+    def _wait_credit(self, call):
+        """Count one more stream item, first waiting for the pool's CREDIT if the window is used
+        up (sync producers). False if the call was cancelled meanwhile."""
+        if call.granted is not None and call.sent >= call.granted:
+            cond = call._credit
+            if cond is None:
+                cond = call._credit = threading.Condition()
+            with cond:
+                while call.sent >= call.granted and not call.ctx._cancelled:
+                    cond.wait()
+            if call.ctx._cancelled:
+                return False
+        call.sent += 1
+        return True
+
+    def _credit_on_loop(self, call, n):
+        call.granted += n
+        if call._credit is not None:
+            call._credit.set()
+
+    async def _wait_credit_async(self, call):
+        """Count one more stream item on the loop, first waiting for CREDIT if the window is used
+        up. A cancel interrupts the wait like any other await in the handler's task."""
+        if call.granted is not None:
+            import asyncio  # loaded: we run on it
+
+            while call.sent >= call.granted:
+                if call._credit is None:
+                    call._credit = asyncio.Event()
+                call._credit.clear()
+                await call._credit.wait()
+        call.sent += 1
 
     def _on_shutdown(self):
         log("shutdown requested, exiting")
@@ -725,6 +802,9 @@ class Worker:
                     item = next(gen)
                 except StopIteration:
                     break
+                if not self._wait_credit(call):
+                    self._send_cancelled(call)
+                    return
                 if not self._send_chunk(call, seq, item):
                     return
                 seq += 1
@@ -776,6 +856,7 @@ class Worker:
                 agen = obj
                 seq = 0
                 async for item in agen:
+                    await self._wait_credit_async(call)
                     if not self._send_chunk(call, seq, item):
                         break
                     seq += 1

@@ -26,7 +26,7 @@ class HandshakeTest(unittest.TestCase):
     def test_hello_fields(self):
         w = WorkerProcess(self)
         hello = w.handshake()
-        self.assertEqual(hello["protocol"], 1)
+        self.assertEqual(hello["protocol"], 2)
         self.assertEqual(hello["runtime"], "pypool_worker/0.1.0")
         self.assertEqual(hello["python"], "%d.%d.%d" % sys.version_info[:3])
         self.assertEqual(hello["pid"], w.proc.pid)
@@ -37,7 +37,8 @@ class HandshakeTest(unittest.TestCase):
         self.assertIn("renamed", hello["commands"])
         self.assertNotIn("some_function_name", hello["commands"])
         self.assertEqual(hello["max_in_flight"], 4)  # PYPOOL_MAX_IN_FLIGHT in the app
-        self.assertEqual(sorted(hello["features"]), ["async", "cancel", "session_state", "stream"])
+        self.assertEqual(sorted(hello["features"]),
+                         ["async", "cancel", "flow", "session_state", "stream"])
         w.ok(1, "echo", [1])  # the "ready" line is logged after WELCOME, before any call runs
         self.assertIn("pypool_worker[w-test] ready", w.stderr())
 
@@ -260,6 +261,35 @@ class ConcurrencyAndCancelTest(unittest.TestCase):
                     reply = self.w.recv()
                 self.assertEqual(reply, {"type": "cancelled", "id": call_id})
         self.assertEqual(self.w.ok(3, "echo", [3]), 3)
+
+    def test_streams_wait_for_credit(self):
+        for call_id, command in ((1, "stream"), (2, "astream")):
+            with self.subTest(command=command):
+                self.w.call(call_id, command, [5], window=2)
+                first = [self.w.recv() for _ in range(2)]
+                self.assertEqual([r["seq"] for r in first], [0, 1])
+                # The window is used up: the next frame is the answer to a ping, not an item.
+                self.w.send({"type": "ping", "id": 100 + call_id})
+                self.assertEqual(self.w.recv(), {"type": "pong", "id": 100 + call_id})
+                self.w.send({"type": "credit", "id": call_id, "n": 3})
+                rest = [self.w.recv() for _ in range(4)]
+                self.assertEqual([r["type"] for r in rest], ["chunk"] * 3 + ["end"])
+                self.assertEqual([r["seq"] for r in rest[:3]], [2, 3, 4])
+
+    def test_a_stream_waiting_for_credit_sees_the_cancel(self):
+        for call_id, command in ((1, "ticker"), (2, "aticker")):
+            with self.subTest(command=command):
+                self.w.call(call_id, command, window=1)
+                self.assertEqual(self.w.recv()["seq"], 0)
+                self.w.send({"type": "cancel", "id": call_id})
+                self.assertEqual(self.w.recv(), {"type": "cancelled", "id": call_id})
+        self.assertEqual(self.w.ok(3, "echo", [3]), 3)
+
+    def test_a_dangling_attachment_placeholder_fails_only_its_call(self):
+        reply = self.w.result(1, "echo", [{"__pypool_att__": 5}])
+        self.assertEqual(reply["error"]["type"], "InvalidArguments")
+        self.assertIn("out of range", reply["error"]["message"])
+        self.assertEqual(self.w.ok(2, "echo", [2]), 2)
 
     def test_cancelled_raised_without_cancel_is_an_error(self):
         error = self.w.result(1, "raise_cancelled")["error"]

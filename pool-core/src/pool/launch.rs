@@ -1,5 +1,5 @@
-//! Launching workers: concurrent start, background replacement with backoff, the circuit
-//! breaker, and what happens when a worker exits.
+//! Launching workers (one attempt per task; the decisions start the next), the handshake, what
+//! happens when a worker exits, retirement, and giving slots back.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -7,70 +7,50 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::time::Instant;
 
-use super::state::{Phase, Slot, State};
-use super::{deliver, Shared};
-use crate::error::{Error, WorkerExit};
+use super::sessions::SessionEvent;
+use super::state::{NewWorker, Slot};
+use super::Shared;
+use crate::error::WorkerExit;
 use crate::launcher::WorkerSpec;
-use crate::stats::{BreakerState, Metrics};
+use crate::stats::Metrics;
 use crate::worker::{HandshakeError, WorkerConn};
 
 impl Shared {
-    /// Starts a task that launches one worker (retrying with backoff for permanent workers).
-    pub(crate) fn spawn_launch(self: &Arc<Self>, state: &mut State, overflow: bool) {
-        if overflow {
-            state.starting_overflow += 1;
-        } else {
-            state.starting_permanent += 1;
-        }
-        let shared = self.clone();
-        self.tasks
-            .spawn(async move { shared.launch_loop(overflow).await });
-    }
-
-    async fn launch_loop(self: Arc<Self>, overflow: bool) {
-        let mut delay = Duration::ZERO;
-        loop {
-            if !delay.is_zero() {
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = self.stopping.cancelled() => break,
-                }
+    /// Launches one worker (the decisions counted it as starting). Success installs it; failure
+    /// counts against the backoff and the breaker. Either way the decisions run again.
+    pub(crate) async fn launch(self: Arc<Self>, overflow: bool) {
+        let (seq, spec) = {
+            let mut state = self.state.lock();
+            let seq = state.next_worker_seq();
+            (seq, self.spec(seq))
+        };
+        let attempt = self.launch_one(&spec);
+        let result = tokio::select! {
+            result = attempt => result,
+            _ = self.stopping.cancelled() => {
+                self.state.lock().launch_ended(overflow);
+                self.changed.notify_waiters();
+                return;
             }
-            if !self.breaker_gate().await {
-                break;
-            }
-            let (seq, spec) = {
+        };
+        match result {
+            Ok((conn, receiver)) => self.install(seq, conn, receiver, overflow),
+            Err(err) => {
+                let message = err.error.to_string();
+                tracing::warn!(pool = %self.config.name, worker = %spec.worker_id, "worker launch failed: {message}");
+                Metrics::inc(&self.metrics.launch_failures);
+                let now = Instant::now();
                 let mut state = self.state.lock();
-                let seq = state.next_worker;
-                state.next_worker += 1;
-                (seq, self.spec(seq))
-            };
-            let attempt = self.launch_one(&spec);
-            let result = tokio::select! {
-                result = attempt => result,
-                _ = self.stopping.cancelled() => break,
-            };
-            match result {
-                Ok((conn, receiver)) => {
-                    self.install(seq, conn, receiver, overflow);
-                    return;
+                state.launch_ended(overflow);
+                state.launch_failed(message, err.fatal, now);
+                if state.breaker_just_opened(now) {
+                    tracing::error!(pool = %self.config.name, failures = state.breaker().failures, "circuit breaker open");
                 }
-                Err(err) => {
-                    delay = self.launch_failed(&spec, err);
-                    if overflow {
-                        break;
-                    }
-                }
+                let decisions = state.decide(now);
+                drop(state);
+                self.apply(decisions);
             }
         }
-        let mut state = self.state.lock();
-        if overflow {
-            state.starting_overflow -= 1;
-        } else {
-            state.starting_permanent -= 1;
-        }
-        drop(state);
-        self.changed.notify_waiters();
     }
 
     fn spec(&self, seq: u64) -> WorkerSpec {
@@ -91,106 +71,44 @@ impl Shared {
         &self,
         spec: &WorkerSpec,
     ) -> Result<(Arc<WorkerConn>, Box<dyn crate::launcher::FrameReceiver>), HandshakeError> {
-        let launched = self
+        let launch_timeout = self
             .launcher
-            .launch(spec)
-            .await
-            .map_err(|error| HandshakeError {
-                error,
-                fatal: false,
-            })?;
-        let timeout = self
+            .launch_timeout()
+            .unwrap_or(self.config.launch_timeout);
+        let launched = match tokio::time::timeout(launch_timeout, self.launcher.launch(spec)).await
+        {
+            Ok(Ok(launched)) => launched,
+            Ok(Err(error)) => {
+                return Err(HandshakeError {
+                    error,
+                    fatal: false,
+                })
+            }
+            Err(_) => {
+                return Err(HandshakeError {
+                    error: crate::LaunchError::new(format!(
+                        "launching worker {} took longer than launch_timeout ({})",
+                        spec.worker_id,
+                        crate::error::humanize(launch_timeout)
+                    )),
+                    fatal: false,
+                })
+            }
+        };
+        let handshake_timeout = self
             .launcher
             .handshake_timeout()
             .unwrap_or(self.config.handshake_timeout);
         WorkerConn::handshake(
             launched,
-            &spec.pool,
             &spec.worker_id,
-            spec.max_frame,
-            timeout,
-            self.metrics.late_replies.clone(),
+            &self.conn_settings,
+            handshake_timeout,
         )
         .await
     }
 
-    /// Waits until the breaker lets a launch through. `false` when the pool is stopping.
-    async fn breaker_gate(&self) -> bool {
-        loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let wait_until = {
-                let mut state = self.state.lock();
-                if state.phase != Phase::Running {
-                    return false;
-                }
-                let breaker = &mut state.breaker;
-                match breaker.state {
-                    BreakerState::Closed => return true,
-                    BreakerState::Open if Instant::now() >= breaker.open_until => {
-                        // This launch is the trial; the others wait for its outcome.
-                        breaker.state = BreakerState::HalfOpen;
-                        return true;
-                    }
-                    BreakerState::Open => Some(breaker.open_until),
-                    BreakerState::HalfOpen => None,
-                }
-            };
-            let far = Instant::now() + Duration::from_secs(3600);
-            tokio::select! {
-                _ = notified => {}
-                _ = tokio::time::sleep_until(wait_until.unwrap_or(far)) => {}
-                _ = self.stopping.cancelled() => return false,
-            }
-        }
-    }
-
-    /// Records a failed launch and returns how long to wait before the next attempt.
-    fn launch_failed(&self, spec: &WorkerSpec, err: HandshakeError) -> Duration {
-        let message = err.error.to_string();
-        tracing::warn!(pool = %self.config.name, worker = %spec.worker_id, "worker launch failed: {message}");
-        Metrics::inc(&self.metrics.launch_failures);
-        let mut state = self.state.lock();
-        if err.fatal {
-            state.fatal_start_error = Some(message.clone());
-        }
-        let breaker = &mut state.breaker;
-        breaker.failures += 1;
-        breaker.last_error = Some(message);
-        let now = Instant::now();
-        let opened = match breaker.state {
-            BreakerState::HalfOpen => true,
-            BreakerState::Closed => breaker.failures >= self.config.breaker_threshold,
-            BreakerState::Open => false,
-        };
-        if opened {
-            breaker.state = BreakerState::Open;
-            breaker.open_until = now + self.config.breaker_cooldown;
-            tracing::error!(pool = %self.config.name, failures = breaker.failures, "circuit breaker open");
-        }
-        let failures = breaker.failures;
-        // Callers with no worker to wait for fail fast with the launch error.
-        let failed_waiters = if state.breaker_open() && state.live_workers() == 0 {
-            std::mem::take(&mut state.waiters)
-        } else {
-            Default::default()
-        };
-        let error = self.circuit_error(&state);
-        drop(state);
-        for waiter in failed_waiters {
-            Metrics::inc(&self.metrics.circuit_rejections);
-            let _ = waiter.tx.send(Err(error.clone()));
-        }
-        self.changed.notify_waiters();
-        let exponent = failures.saturating_sub(1).min(16);
-        self.config
-            .restart_backoff
-            .saturating_mul(1 << exponent)
-            .min(self.config.restart_backoff_max)
-    }
-
-    /// Adds a worker that finished its handshake and serves waiting callers with it.
+    /// Adds a worker that finished its handshake; the decisions hand it to waiting callers.
     fn install(
         self: &Arc<Self>,
         seq: u64,
@@ -199,12 +117,8 @@ impl Shared {
         overflow: bool,
     ) {
         let mut state = self.state.lock();
-        if overflow {
-            state.starting_overflow -= 1;
-        } else {
-            state.starting_permanent -= 1;
-        }
-        if state.phase != Phase::Running {
+        if !state.is_running() {
+            state.launch_ended(overflow);
             drop(state);
             // Dropping the connection kills the process.
             drop(conn);
@@ -212,15 +126,12 @@ impl Shared {
             return;
         }
         Metrics::inc(&self.metrics.launches);
-        state.breaker.state = BreakerState::Closed;
-        state.breaker.failures = 0;
         let capacity = (conn.hello.max_in_flight as usize)
             .min(self.config.max_in_flight.unwrap_or(usize::MAX));
         let recycle_after = self.config.max_calls.map(|max| {
             let jitter = self.config.max_calls_jitter.unwrap_or(max / 10);
             max + rand::thread_rng().gen_range(0..=jitter)
         });
-        let now = Instant::now();
         tracing::info!(
             pool = %self.config.name,
             worker = %conn.id,
@@ -238,71 +149,127 @@ impl Shared {
                 }
             }),
         );
-        state.workers.insert(
+        let now = Instant::now();
+        let max_age = self.drawn_max_age();
+        state.install(
             seq,
-            Slot {
+            NewWorker {
                 conn,
                 overflow,
-                in_flight: 0,
                 capacity,
-                retiring: false,
-                killed: None,
-                settling: 0,
-                calls: 0,
                 recycle_after,
-                started: now,
-                last_used: now,
-                last_ping: now,
-                pinging: false,
-                missed_pings: 0,
+                max_age,
             },
+            now,
         );
-        let deliveries = state.dispatch(|seq, conn| self.lease(seq, conn));
+        let decisions = state.decide(now);
         drop(state);
-        deliver(deliveries);
-        self.changed.notify_waiters();
+        self.apply(decisions);
     }
 
-    /// A worker's channel ended: forget it, fail callers pinned to it, start a replacement.
+    /// The age at which a worker is recycled: `max_age` plus its jitter, drawn per worker.
+    pub(crate) fn drawn_max_age(&self) -> Option<Duration> {
+        self.config.max_age.map(|max| {
+            let jitter = self.config.max_age_jitter.unwrap_or(max / 10);
+            max + jitter.mul_f64(rand::thread_rng().gen_range(0.0..=1.0))
+        })
+    }
+
+    /// A worker's reader saw it go: forget it, fail callers bound to it, and count a death soon
+    /// after start as a failed launch (so a worker that always dies young cannot make the pool
+    /// spawn in a tight loop).
     pub(crate) fn on_worker_exit(self: &Arc<Self>, seq: u64, exit: WorkerExit) {
+        let now = Instant::now();
         let mut state = self.state.lock();
-        let Some(slot) = state.workers.remove(&seq) else {
+        let Some((slot, lost)) = state.remove_worker(seq) else {
             return;
         };
-        match &slot.killed {
-            Some(_) => tracing::info!(pool = %self.config.name, "{exit}"),
-            None => {
-                Metrics::inc(&self.metrics.crashes);
-                tracing::warn!(pool = %self.config.name, "worker crashed: {exit}");
+        let uptime = now.saturating_duration_since(slot.started);
+        if slot.was_killed() {
+            tracing::info!(pool = %self.config.name, "{exit}");
+        } else {
+            Metrics::inc(&self.metrics.crashes);
+            tracing::warn!(pool = %self.config.name, "worker crashed: {exit}");
+            if uptime < self.config.stable_uptime && state.is_running() {
+                state.launch_failed(
+                    format!(
+                        "{exit} (after {} of {} needed to count as a stable start)",
+                        crate::error::humanize(uptime),
+                        crate::error::humanize(self.config.stable_uptime)
+                    ),
+                    false,
+                    now,
+                );
+                if state.breaker_just_opened(now) {
+                    tracing::error!(pool = %self.config.name, failures = state.breaker().failures, "circuit breaker open: workers keep dying soon after their start");
+                }
             }
         }
-        let lost = state.take_waiters_pinned_to(seq);
-        if !slot.overflow && state.phase == Phase::Running {
-            self.spawn_launch(&mut state, false);
-        }
+        let decisions = state.decide(now);
         drop(state);
-        for (waiter, session) in lost {
-            let _ = waiter.tx.send(Err(Error::SessionWorkerLost {
-                pool: self.config.name.clone(),
+        for session in lost {
+            self.emit(SessionEvent::WorkerLost {
                 session: session.to_string(),
                 worker: exit.worker.clone(),
-            }));
+            });
         }
         drop(slot);
-        self.changed.notify_waiters();
+        self.apply(decisions);
     }
 
-    /// Stops a worker that finished its last call, then replaces it if it was permanent.
-    /// The caller removed the slot from the pool and counted it in `stopping`, under the same lock.
+    /// Stops a retired worker (the decisions removed it from the pool and counted it as
+    /// stopping); the decisions then start its replacement if one is still needed.
     pub(crate) fn retire(self: &Arc<Self>, slot: Slot) {
         let shared = self.clone();
-        self.tasks.spawn(async move {
+        tracing::info!(pool = %self.config.name, worker = %slot.conn.id, "retiring worker");
+        self.spawn(async move {
             slot.conn.stop(shared.config.stop_grace).await;
             let mut state = shared.state.lock();
-            state.stopping -= 1;
-            if !slot.overflow && state.phase == Phase::Running {
-                shared.spawn_launch(&mut state, false);
-            }
+            state.stopped(slot.overflow);
+            let decisions = state.decide(Instant::now());
+            drop(state);
+            shared.apply(decisions);
         });
+    }
+
+    /// Returns a slot; recycles the worker if it became due; serves the next waiter.
+    pub(crate) fn release(self: &Arc<Self>, seq: u64) {
+        let now = Instant::now();
+        let mut state = self.state.lock();
+        if let Some(reason) = state.release(seq, now, self.config.max_rss) {
+            Metrics::inc(&self.metrics.recycled);
+            if let Some(name) = state.worker_name(seq) {
+                tracing::info!(pool = %self.config.name, worker = %name, "recycling worker: {reason}");
+            }
+        }
+        let decisions = state.decide(now);
+        drop(state);
+        self.apply(decisions);
+    }
+
+    /// Marks a cancelled call on worker `seq` as unconfirmed (`true`) or settled (`false`).
+    pub(crate) fn set_settling(self: &Arc<Self>, seq: u64, settling: bool) {
+        let mut state = self.state.lock();
+        state.set_settling(seq, settling);
+        if !settling {
+            let decisions = state.decide(Instant::now());
+            drop(state);
+            self.apply(decisions);
+        }
+    }
+
+    /// Kills a worker that cannot be trusted any more; the reader's exit report replaces it.
+    pub(crate) fn kill_worker(self: &Arc<Self>, seq: u64, reason: &str) {
+        let mut state = self.state.lock();
+        if state.mark_killed(seq, reason) {
+            if let Some(slot) = state.slot(seq) {
+                tracing::warn!(pool = %self.config.name, worker = %slot.conn.id, "killing worker: {reason}");
+                Metrics::inc(&self.metrics.killed);
+                slot.conn.terminate_connection(reason);
+            }
+        }
+        let decisions = state.decide(Instant::now());
+        drop(state);
+        self.apply(decisions);
     }
 }

@@ -1,5 +1,6 @@
-//! A checked-out worker slot, the call running on it, and what happens when its caller leaves
-//! early: CANCEL, a grace period, and a kill if the worker does not confirm.
+//! A checked-out worker slot, the call running on it, flow control of its stream, and what
+//! happens when its caller leaves early: CANCEL, a grace period, and a kill if the worker does
+//! not confirm.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,14 +16,20 @@ use super::{Outcome, Shared};
 use crate::error::{CallContext, Error, TimeoutKind, WorkerExit};
 use crate::payload::{placeholder_index, Payload};
 use crate::stats::Metrics;
-use crate::worker::{Reply, WorkerConn};
+use crate::worker::{Death, Reply, WorkerConn};
 
 /// One slot on one worker, held from checkout until the call on it is settled. Dropping it
 /// returns the slot to the pool.
 pub(crate) struct Lease {
-    pub(super) shared: Arc<Shared>,
-    pub(super) seq: u64,
+    shared: Arc<Shared>,
+    seq: u64,
     pub(super) conn: Arc<WorkerConn>,
+}
+
+impl Lease {
+    pub(super) fn new(shared: Arc<Shared>, seq: u64, conn: Arc<WorkerConn>) -> Self {
+        Lease { shared, seq, conn }
+    }
 }
 
 impl Drop for Lease {
@@ -32,21 +39,25 @@ impl Drop for Lease {
 }
 
 /// A call that has been sent and not yet answered. If it is dropped unanswered (timeout, or the
-/// caller went away) the slot stays taken until the worker confirms CANCEL or is killed.
+/// caller went away) the slot stays taken until the worker confirms CANCEL or is killed; that
+/// clean-up runs on the pool's own runtime.
 pub(crate) struct InFlight {
     lease: Option<Lease>,
     id: u64,
     sent_at: Instant,
-    replies: Option<mpsc::UnboundedReceiver<Reply>>,
+    replies: Option<mpsc::Receiver<Reply>>,
+    /// Stream items taken since the last CREDIT.
+    taken: u32,
 }
 
 impl InFlight {
-    pub(super) fn new(lease: Lease, id: u64, replies: mpsc::UnboundedReceiver<Reply>) -> Self {
+    pub(super) fn new(lease: Lease, id: u64, replies: mpsc::Receiver<Reply>) -> Self {
         InFlight {
             lease: Some(lease),
             id,
             sent_at: Instant::now(),
             replies: Some(replies),
+            taken: 0,
         }
     }
 
@@ -77,6 +88,20 @@ impl InFlight {
         self.lease = None;
     }
 
+    /// The consumer took a stream item: once half the window is taken, the worker may send that
+    /// many more.
+    fn took_item(&mut self) {
+        let Some(lease) = &self.lease else {
+            return;
+        };
+        self.taken += 1;
+        let window = lease.shared.config.stream_window;
+        if self.taken >= window.div_ceil(2) {
+            lease.conn.send_credit(self.id, self.taken);
+            self.taken = 0;
+        }
+    }
+
     async fn recv(&mut self) -> Option<Reply> {
         self.replies.as_mut()?.recv().await
     }
@@ -88,23 +113,40 @@ impl InFlight {
         }
     }
 
-    /// Waits for the final reply and collects streamed chunks into a list.
-    pub(super) async fn collect(&mut self, context: &CallContext) -> Result<Payload, Error> {
+    /// Waits for the final reply and collects streamed items into a list, up to `max_bytes`.
+    pub(super) async fn collect(
+        &mut self,
+        context: &CallContext,
+        max_bytes: usize,
+    ) -> Result<Payload, Error> {
         let mut chunks = Vec::new();
+        let mut size = 0usize;
         loop {
             let reply = self.recv().await;
             let terminal = reply.as_ref().is_none_or(Reply::is_terminal);
             if terminal {
                 let worker = self.worker_id().to_owned();
+                let shared = self.lease.as_ref().map(|l| l.shared.clone());
                 self.finish();
                 return match reply {
                     Some(Reply::End) => Ok(merge_chunks(chunks)),
-                    Some(other) => reply_error(other, context, &worker),
+                    Some(other) => reply_error(other, context, &worker, shared.as_deref()),
                     None => Err(channel_lost(context, &worker)),
                 };
             }
             if let Some(Reply::Chunk(chunk)) = reply {
+                size = size.saturating_add(approximate_size(&chunk));
                 chunks.push(chunk);
+                if size > max_bytes {
+                    // Dropping the unfinished flight (with `self`) cancels the call; the worker
+                    // stops producing and lives on.
+                    return Err(Error::ReplyTooLarge {
+                        context: context.clone(),
+                        items: chunks.len() as u64,
+                        max: max_bytes,
+                    });
+                }
+                self.took_item();
             }
         }
     }
@@ -116,37 +158,31 @@ impl Drop for InFlight {
             return;
         };
         let id = self.id;
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                // Marked before anyone else can check the worker out.
-                lease.shared.set_settling(lease.seq, true);
-                handle.spawn(settle(lease, id, replies));
-            }
-            Err(_) => {
-                // No runtime to wait for the worker's answer: it may still answer, so it must go.
-                lease.conn.forget(id);
-                lease
-                    .shared
-                    .kill_worker(lease.seq, "its caller was dropped outside a runtime");
-            }
-        }
+        // Marked before anyone else can check the worker out.
+        lease.shared.set_settling(lease.seq, true);
+        let shared = lease.shared.clone();
+        shared.spawn(settle(lease, id, replies));
     }
 }
 
 /// Sends CANCEL and keeps the slot until the worker answers or `cancel_grace` runs out; then kills
 /// the worker, because a worker that may still answer must never serve another call. The caller
 /// has marked the worker as settling, which keeps new calls away until this ends.
-async fn settle(lease: Lease, id: u64, mut replies: mpsc::UnboundedReceiver<Reply>) {
+async fn settle(lease: Lease, id: u64, mut replies: mpsc::Receiver<Reply>) {
     let shared = lease.shared.clone();
     Metrics::inc(&shared.metrics.cancels_sent);
-    let sent = lease.conn.send_cancel(id).await;
+    let sent = lease.conn.send_cancel(id);
     let answered = sent
         && tokio::time::timeout(shared.config.cancel_grace, async {
             while let Some(reply) = replies.recv().await {
                 match reply {
-                    Reply::Cancelled => return true,
-                    Reply::Dead(_) => return true,
-                    Reply::Chunk(_) => Metrics::inc(&shared.metrics.late_replies),
+                    Reply::Cancelled | Reply::Dead(_) => return true,
+                    Reply::Chunk(_) => {
+                        // Items still in flight: nobody takes them, but the worker may be waiting
+                        // for credit to see the cancel, so keep granting.
+                        Metrics::inc(&shared.metrics.late_replies);
+                        lease.conn.send_credit(id, 1);
+                    }
                     Reply::End | Reply::Result(_) => {
                         // The call finished after its caller left: nobody gets this reply.
                         Metrics::inc(&shared.metrics.late_replies);
@@ -171,6 +207,7 @@ pub(super) fn reply_error(
     reply: Reply,
     context: &CallContext,
     worker: &str,
+    shared: Option<&Shared>,
 ) -> Result<Payload, Error> {
     match reply {
         Reply::Result(Ok(payload)) => Ok(payload),
@@ -179,9 +216,9 @@ pub(super) fn reply_error(
             worker: worker.to_owned(),
             error: Box::new(error),
         }),
-        Reply::Dead(exit) => Err(Error::WorkerCrashed {
-            context: context.clone(),
-            exit: Box::new(exit),
+        Reply::Dead(death) => Err(match shared {
+            Some(shared) => shared.death_error(context, death),
+            None => crashed(context, death),
         }),
         Reply::Cancelled => Err(Error::Protocol {
             context: context.clone(),
@@ -196,6 +233,27 @@ pub(super) fn reply_error(
     }
 }
 
+fn crashed(context: &CallContext, death: Death) -> Error {
+    Error::WorkerCrashed {
+        context: context.clone(),
+        exit: Box::new(death.exit),
+    }
+}
+
+impl Shared {
+    /// The error for a call whose worker went away: `ShuttingDown` when the pool stopped it,
+    /// `WorkerCrashed` otherwise.
+    pub(crate) fn death_error(&self, context: &CallContext, death: Death) -> Error {
+        if death.stopped {
+            Error::ShuttingDown {
+                context: context.clone(),
+            }
+        } else {
+            crashed(context, death)
+        }
+    }
+}
+
 fn channel_lost(context: &CallContext, worker: &str) -> Error {
     Error::WorkerCrashed {
         context: context.clone(),
@@ -206,6 +264,23 @@ fn channel_lost(context: &CallContext, worker: &str) -> Error {
             stderr_tail: Vec::new(),
         }),
     }
+}
+
+/// What a stream item costs to keep: its attachments, and its value's JSON size (bounded below
+/// by the cheap count of its nodes).
+fn approximate_size(chunk: &Payload) -> usize {
+    fn value_size(value: &Value) -> usize {
+        match value {
+            Value::Null | Value::Bool(_) | Value::Number(_) => 8,
+            Value::String(s) => s.len() + 8,
+            Value::Array(items) => items.iter().map(value_size).sum::<usize>() + 8,
+            Value::Object(map) => map
+                .iter()
+                .map(|(k, v)| k.len() + value_size(v) + 8)
+                .sum::<usize>(),
+        }
+    }
+    chunk.attachment_bytes() + value_size(&chunk.value)
 }
 
 /// Joins streamed chunks into one list value, renumbering attachment placeholders.
@@ -240,19 +315,50 @@ fn shift_placeholders(value: &mut Value, offset: usize) {
 ///
 /// Returned by [`Pool::call_stream`](crate::Pool::call_stream) and
 /// [`Session::call_stream`](crate::Session::call_stream). A handler that returns a single value
-/// yields one item. The whole stream is bounded by the call timeout (or deadline); dropping the
-/// stream before its end cancels the call on the worker and frees the worker once it confirms.
+/// yields one item. The stream is flow-controlled: the worker produces at most `stream_window`
+/// items ahead of the consumer, so a consumer that stops polling costs a bounded amount of
+/// memory. The whole stream is bounded by the call timeout (or deadline); dropping the stream
+/// before its end cancels the call on the worker and frees the worker once it confirms.
 pub struct CallStream {
-    pub(super) flight: Option<InFlight>,
-    pub(super) context: CallContext,
-    pub(super) timer: Pin<Box<Sleep>>,
-    pub(super) timeout_kind: TimeoutKind,
-    pub(super) started: Instant,
-    pub(super) shared: Arc<Shared>,
-    pub(super) session: Option<Arc<str>>,
+    flight: Option<InFlight>,
+    context: CallContext,
+    timer: Pin<Box<Sleep>>,
+    timeout_kind: TimeoutKind,
+    started: Instant,
+    shared: Arc<Shared>,
+    session: Option<Arc<str>>,
+}
+
+impl std::fmt::Debug for CallStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallStream")
+            .field("context", &self.context)
+            .field("finished", &self.flight.is_none())
+            .finish()
+    }
 }
 
 impl CallStream {
+    pub(super) fn new(
+        flight: InFlight,
+        context: CallContext,
+        deadline: Instant,
+        timeout_kind: TimeoutKind,
+        started: Instant,
+        shared: Arc<Shared>,
+        session: Option<Arc<str>>,
+    ) -> Self {
+        CallStream {
+            flight: Some(flight),
+            context,
+            timer: Box::pin(tokio::time::sleep_until(deadline)),
+            timeout_kind,
+            started,
+            shared,
+            session,
+        }
+    }
+
     fn end(&mut self, outcome: Outcome<'_>) {
         if let Some(mut flight) = self.flight.take() {
             // Only a final reply frees the worker at once; after a timeout or an early drop the
@@ -278,15 +384,18 @@ impl Stream for CallStream {
         let Some(flight) = this.flight.as_mut() else {
             return Poll::Ready(None);
         };
-        let worker = flight.worker_id().to_owned();
         match flight.poll_recv(cx) {
-            Poll::Ready(Some(Reply::Chunk(chunk))) => Poll::Ready(Some(Ok(chunk))),
+            Poll::Ready(Some(Reply::Chunk(chunk))) => {
+                flight.took_item();
+                Poll::Ready(Some(Ok(chunk)))
+            }
             Poll::Ready(Some(Reply::End)) => {
                 this.end(Outcome::Ok);
                 Poll::Ready(None)
             }
             Poll::Ready(Some(reply)) => {
-                let item = reply_error(reply, &this.context, &worker);
+                let worker = flight.worker_id().to_owned();
+                let item = reply_error(reply, &this.context, &worker, Some(&this.shared));
                 this.end(match &item {
                     Ok(_) => Outcome::Ok,
                     Err(err) => Outcome::Failed(err),
@@ -294,7 +403,7 @@ impl Stream for CallStream {
                 Poll::Ready(Some(item))
             }
             Poll::Ready(None) => {
-                let err = channel_lost(&this.context, &worker);
+                let err = channel_lost(&this.context, flight.worker_id());
                 this.end(Outcome::Failed(&err));
                 Poll::Ready(Some(Err(err)))
             }
@@ -304,7 +413,7 @@ impl Stream for CallStream {
                         context: this.context.clone(),
                         kind: this.timeout_kind,
                         waited: flight.waited(this.timeout_kind, this.started),
-                        worker: Some(worker),
+                        worker: Some(flight.worker_id().to_owned()),
                     };
                     // Dropping the unfinished flight sends CANCEL and settles the worker.
                     this.end(Outcome::Failed(&err));

@@ -1,120 +1,172 @@
-//! The pool's periodic care: health pings of idle workers, retiring idle overflow and old
-//! workers, and expiring sessions.
+//! The pool's periodic care: health pings, resident-memory samples, recycling by age, retiring
+//! idle overflow workers, forgiving failed launches once a worker proves stable, and expiring
+//! sessions.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use tokio::time::{Instant, MissedTickBehavior};
 
+use super::sessions::SessionEvent;
 use super::Shared;
 use crate::stats::Metrics;
+use crate::worker::WorkerConn;
 
-pub(super) async fn run(shared: Arc<Shared>) {
-    let mut interval = tokio::time::interval(shared.config.maintenance_interval);
-    interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+/// Runs until the pool stops or is dropped (it holds the pool only while it works).
+pub(super) async fn run(shared: Weak<Shared>) {
+    let Some((mut interval, stopping)) = shared.upgrade().map(|shared| {
+        let mut interval = tokio::time::interval(shared.config.maintenance_interval);
+        interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        (interval, shared.stopping.clone())
+    }) else {
+        return;
+    };
     loop {
         tokio::select! {
-            _ = interval.tick() => shared.maintain(),
-            _ = shared.stopping.cancelled() => break,
+            _ = interval.tick() => {}
+            _ = stopping.cancelled() => break,
         }
+        let Some(shared) = shared.upgrade() else {
+            break;
+        };
+        shared.maintain().await;
     }
 }
 
+/// One ping to send: the worker, its connection, and its call count when the ping went out.
+struct Ping {
+    seq: u64,
+    conn: Arc<WorkerConn>,
+    calls_before: u64,
+}
+
 impl Shared {
-    fn maintain(self: &Arc<Self>) {
+    async fn maintain(self: &Arc<Self>) {
+        // Resident memory is read from /proc outside the lock, and only when it matters.
+        if self.config.max_rss.is_some() {
+            let conns: Vec<(u64, Arc<WorkerConn>)> = self
+                .state
+                .lock()
+                .workers()
+                .map(|(seq, slot)| (seq, slot.conn.clone()))
+                .collect();
+            let samples: Vec<(u64, Option<u64>)> = conns
+                .iter()
+                .map(|(seq, conn)| (*seq, conn.rss_bytes()))
+                .collect();
+            let mut state = self.state.lock();
+            for (seq, rss) in samples {
+                if let Some(slot) = state.slot_mut(seq) {
+                    slot.rss = rss;
+                }
+            }
+        }
         let now = Instant::now();
         let config = &self.config;
         let mut pings = Vec::new();
-        let mut retiring = Vec::new();
-        let mut expired = Vec::new();
-        {
-            let mut state = self.state.lock();
-            for (seq, slot) in state.workers.iter_mut() {
-                if slot.retiring {
-                    continue;
-                }
-                if slot.in_flight > 0 {
-                    // A local worker's death shows as its process's exit, and a busy one may hold
-                    // the GIL for as long as its call may run, so only its call deadline bounds
-                    // it. A remote worker's death shows only as silence, so it is pinged busy or
-                    // not (the runtime answers pings from its reader thread while handlers run).
-                    if !slot.conn.is_local()
-                        && !slot.pinging
-                        && now - slot.last_ping >= config.ping_interval
-                    {
-                        slot.pinging = true;
-                        pings.push((*seq, slot.conn.clone(), slot.calls));
-                    }
-                    continue;
-                }
-                if slot.overflow && now - slot.last_used >= config.overflow_idle {
-                    Metrics::inc(&self.metrics.retired_overflow);
-                    retiring.push(*seq);
-                } else if config.max_age.is_some_and(|age| now - slot.started >= age) {
-                    Metrics::inc(&self.metrics.recycled);
-                    retiring.push(*seq);
-                } else if !slot.pinging && now - slot.last_ping >= config.ping_interval {
-                    slot.pinging = true;
-                    pings.push((*seq, slot.conn.clone(), slot.calls));
+        let mut state = self.state.lock();
+        let mut due = Vec::new();
+        let mut idle_overflow = Vec::new();
+        for (seq, slot) in state.workers() {
+            if slot.is_draining() {
+                continue;
+            }
+            let age = now.saturating_duration_since(slot.started);
+            if let Some(max_age) = slot.max_age {
+                if age >= max_age && !slot.is_due() {
+                    due.push((
+                        seq,
+                        format!("older than max_age ({})", crate::error::humanize(max_age)),
+                    ));
                 }
             }
-            let slots: Vec<_> = retiring
-                .iter()
-                .filter_map(|seq| state.workers.remove(seq))
-                .collect();
-            state.stopping += slots.len();
-            let ttl = config.session_ttl;
-            let stale: Vec<_> = state
-                .sessions
-                .iter()
-                .filter(|(_, e)| e.in_flight == 0 && now - e.last_used >= ttl)
-                .map(|(id, _)| id.clone())
-                .collect();
-            for id in stale {
-                if let Some(entry) = state.sessions.remove(&id) {
-                    Metrics::inc(&self.metrics.sessions_expired);
-                    let conns: Vec<_> = entry
-                        .touched
-                        .iter()
-                        .filter_map(|seq| state.workers.get(seq).map(|s| s.conn.clone()))
-                        .collect();
-                    expired.push((id, conns));
+            if let (Some(max), Some(rss)) = (config.max_rss, slot.rss) {
+                if rss > max && !slot.is_due() {
+                    due.push((
+                        seq,
+                        format!("resident memory {rss} bytes exceeds max_rss {max}"),
+                    ));
                 }
             }
-            drop(state);
-            for slot in slots {
-                tracing::info!(pool = %config.name, worker = %slot.conn.id, "retiring idle worker");
-                self.retire(slot);
+            if slot.overflow
+                && slot.in_flight() == 0
+                && now.saturating_duration_since(slot.last_used()) >= config.overflow_idle
+                && !slot.is_due()
+            {
+                idle_overflow.push(seq);
+            }
+            // A local worker's death shows as its process's exit, and a busy one may hold the
+            // GIL for as long as its call may run, so only its call deadline bounds it. A remote
+            // worker's death shows only as silence, so it is pinged busy or not (the runtime
+            // answers pings from its reader thread while handlers run).
+            let pingable = slot.in_flight() == 0 || !slot.conn.is_local();
+            if pingable
+                && !slot.pinging
+                && now.saturating_duration_since(slot.last_ping) >= config.ping_interval
+            {
+                pings.push(Ping {
+                    seq,
+                    conn: slot.conn.clone(),
+                    calls_before: slot.calls(),
+                });
             }
         }
-        for (seq, conn, calls_before) in pings {
-            let shared = self.clone();
-            self.tasks.spawn(async move {
-                let answered = conn.ping(shared.config.ping_timeout).await;
-                shared.ping_done(seq, &conn, calls_before, answered);
+        for ping in &pings {
+            if let Some(slot) = state.slot_mut(ping.seq) {
+                slot.pinging = true;
+            }
+        }
+        for (seq, reason) in due {
+            if let Some(name) = state.worker_name(seq) {
+                tracing::info!(pool = %config.name, worker = %name, "recycling worker: {reason}");
+            }
+            Metrics::inc(&self.metrics.recycled);
+            // Age is a hard limit: it applies even with Strict sessions bound to the worker.
+            let hard = reason.starts_with("older");
+            state.mark_due(seq, reason, hard);
+        }
+        for seq in idle_overflow {
+            Metrics::inc(&self.metrics.retired_overflow);
+            state.mark_due(seq, "idle overflow worker".into(), false);
+        }
+        if state.prove_launches(now, config.stable_uptime) {
+            tracing::debug!(pool = %config.name, "a worker proved stable: failed launches forgiven");
+        }
+        let expired = state.expired_sessions(config.session_ttl, now);
+        let mut ended = Vec::new();
+        for id in expired {
+            if let Some((conns, queued)) = state.end_session(&id) {
+                Metrics::inc(&self.metrics.sessions_expired);
+                debug_assert!(queued.is_empty(), "an expired session has no call");
+                ended.push((id, conns));
+            }
+        }
+        let decisions = state.decide(now);
+        drop(state);
+        self.apply(decisions);
+        for (id, conns) in ended {
+            tracing::debug!(pool = %config.name, session = %id, "session expired");
+            for conn in conns {
+                conn.send_session_end(&id);
+            }
+            self.emit(SessionEvent::Expired {
+                session: id.to_string(),
             });
         }
-        for (id, conns) in expired {
-            tracing::debug!(pool = %config.name, session = %id, "session expired");
-            self.tasks.spawn(async move {
-                for conn in conns {
-                    conn.send_session_end(&id).await;
-                }
+        for ping in pings {
+            let shared = self.clone();
+            self.spawn(async move {
+                let answered = ping.conn.ping(shared.config.ping_timeout).await;
+                shared.ping_done(&ping, answered);
             });
         }
     }
 
-    fn ping_done(
-        &self,
-        seq: u64,
-        conn: &Arc<crate::worker::WorkerConn>,
-        calls_before: u64,
-        answered: bool,
-    ) {
+    fn ping_done(self: &Arc<Self>, ping: &Ping, answered: bool) {
         let mut state = self.state.lock();
-        let Some(slot) = state.workers.get_mut(&seq) else {
+        let Some(slot) = state.slot_mut(ping.seq) else {
             return;
         };
-        if !Arc::ptr_eq(&slot.conn, conn) {
+        if !Arc::ptr_eq(&slot.conn, &ping.conn) {
             return;
         }
         slot.pinging = false;
@@ -124,7 +176,7 @@ impl Shared {
             return;
         }
         // A call that started meanwhile may hold a local worker (and the GIL): not a missed ping.
-        if slot.conn.is_local() && (slot.calls != calls_before || slot.in_flight > 0) {
+        if slot.conn.is_local() && (slot.calls() != ping.calls_before || slot.in_flight() > 0) {
             return;
         }
         slot.missed_pings += 1;
@@ -132,7 +184,7 @@ impl Shared {
         if slot.missed_pings >= self.config.max_missed {
             let reason = format!("missed {} pings in a row", slot.missed_pings);
             drop(state);
-            self.kill_worker(seq, &reason);
+            self.kill_worker(ping.seq, &reason);
         }
     }
 }

@@ -79,6 +79,17 @@ pub enum ProtocolError {
         /// The maximum in force.
         max: usize,
     },
+    /// A well-formed RESULT or CHUNK for call `id` whose value this side cannot take as it is
+    /// (nested deeper than [`MAX_DEPTH`](super::MAX_DEPTH), or an integer beyond 64 bits, which
+    /// would silently become a float). The frame itself is intact: the call can fail with this
+    /// reason and the channel goes on.
+    #[error("the value of call {id} cannot be decoded: {reason}")]
+    Value {
+        /// The call the frame belongs to.
+        id: u64,
+        /// What is wrong with the value.
+        reason: String,
+    },
 }
 
 #[derive(Serialize)]
@@ -160,14 +171,37 @@ pub fn decode(body: Bytes) -> Result<(Message, Vec<Bytes>), ProtocolError> {
         });
     }
     let header = &body[PREFIX..PREFIX + header_len];
-    let envelope: EnvelopeIn = match codec {
-        Codec::Json => {
-            serde_json::from_slice(header).map_err(|e| ProtocolError::Header(e.to_string()))?
-        }
+    let parsed: Result<EnvelopeIn, String> = match codec {
+        Codec::Json => serde_json::from_slice(header).map_err(|e| e.to_string()),
         Codec::Msgpack => {
-            rmp_serde::from_slice(header).map_err(|e| ProtocolError::Header(e.to_string()))?
+            let mut deserializer = rmp_serde::Deserializer::new(header);
+            deserializer.set_max_depth(MSGPACK_MAX_DEPTH);
+            EnvelopeIn::deserialize(&mut deserializer).map_err(|e| e.to_string())
         }
     };
+    let envelope = match parsed {
+        Ok(envelope) => envelope,
+        // A reply the pool cannot take fails its call, not the worker: the frame is intact.
+        Err(reason) => {
+            return Err(match reply_id(codec, header) {
+                Some(id) => ProtocolError::Value { id, reason },
+                None => ProtocolError::Header(reason),
+            })
+        }
+    };
+    if codec == Codec::Json {
+        if let Message::Result { id, .. } | Message::Chunk { id, .. } = &envelope.msg {
+            if let Some(literal) = integer_beyond_64_bits(header) {
+                return Err(ProtocolError::Value {
+                    id: *id,
+                    reason: format!(
+                        "the integer {literal} does not fit in 64 bits and would lose its value; \
+                         send it as a string"
+                    ),
+                });
+            }
+        }
+    }
     let rest = available - header_len;
     let declared = envelope
         .att
@@ -189,6 +223,124 @@ pub fn decode(body: Bytes) -> Result<(Message, Vec<Bytes>), ProtocolError> {
         offset += len;
     }
     Ok((envelope.msg, attachments))
+}
+
+/// The depth limit for MessagePack headers, the same as `serde_json`'s built-in one (values nest
+/// inside the message map), so both codecs take the same values.
+const MSGPACK_MAX_DEPTH: usize = 128;
+
+/// The call id of a RESULT or CHUNK header that could not be decoded as a whole, read from its
+/// `type` and `id` fields, which must come before the value that cannot be decoded (a worker
+/// writes them first). `None` for anything else.
+fn reply_id(codec: Codec, header: &[u8]) -> Option<u64> {
+    let mut prefix = ReplyPrefix::default();
+    // The visitor stops early on purpose, so the outcome is an error either way; what it saw
+    // is in `prefix`.
+    let _ = match codec {
+        Codec::Json => {
+            let mut deserializer = serde_json::Deserializer::from_slice(header);
+            serde::Deserializer::deserialize_map(&mut deserializer, PrefixVisitor(&mut prefix))
+                .map_err(|_| ())
+        }
+        Codec::Msgpack => {
+            let mut deserializer = rmp_serde::Deserializer::new(header);
+            serde::Deserializer::deserialize_map(&mut deserializer, PrefixVisitor(&mut prefix))
+                .map_err(|_| ())
+        }
+    };
+    match prefix.kind.as_deref() {
+        Some("result" | "chunk") => prefix.id,
+        _ => None,
+    }
+}
+
+#[derive(Default)]
+struct ReplyPrefix {
+    kind: Option<String>,
+    id: Option<u64>,
+}
+
+struct PrefixVisitor<'a>(&'a mut ReplyPrefix);
+
+impl<'de> serde::de::Visitor<'de> for PrefixVisitor<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a message map")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        use serde::de::Error;
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "type" => self.0.kind = Some(map.next_value()?),
+                "id" => self.0.id = Some(map.next_value()?),
+                // Skipping a value too deep to decode fails, and ends the search with it.
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+            if self.0.kind.is_some() && self.0.id.is_some() {
+                return Err(A::Error::custom("done"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The first integer literal in a JSON text that fits neither `u64` nor `i64` (it would become a
+/// lossy float), outside strings.
+fn integer_beyond_64_bits(json: &[u8]) -> Option<String> {
+    // u64::MAX has 20 digits and i64::MIN 19: only runs of 19 or more digits can be too large.
+    // Checking for one first keeps the common case to one pass over the bytes.
+    let mut run = 0;
+    if !json.iter().any(|b| {
+        run = if b.is_ascii_digit() { run + 1 } else { 0 };
+        run >= 19
+    }) {
+        return None;
+    }
+    let mut i = 0;
+    while i < json.len() {
+        match json[i] {
+            b'"' => {
+                // Skip the string, escapes included.
+                i += 1;
+                while i < json.len() && json[i] != b'"' {
+                    i += if json[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                if json[i] == b'-' {
+                    i += 1;
+                }
+                let digits_start = i;
+                while i < json.len() && json[i].is_ascii_digit() {
+                    i += 1;
+                }
+                let digits = &json[digits_start..i];
+                let mut integral = true;
+                while i < json.len()
+                    && matches!(json[i], b'.' | b'e' | b'E' | b'+' | b'-' | b'0'..=b'9')
+                {
+                    integral = false;
+                    i += 1;
+                }
+                if integral && digits.len() >= 19 {
+                    let literal = std::str::from_utf8(&json[start..digits_start + digits.len()])
+                        .unwrap_or_default();
+                    let fits = literal.parse::<u64>().is_ok() || literal.parse::<i64>().is_ok();
+                    if !fits {
+                        return Some(literal.to_owned());
+                    }
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -225,7 +377,9 @@ mod tests {
                 args: json!({"a": [1, 2.5, null, "x"]}),
                 session: Some("s".into()),
                 timeout_ms: Some(5),
+                window: Some(16),
             },
+            Message::Credit { id: 7, n: 8 },
             Message::Result {
                 id: 7,
                 ok: Some(json!(1)),
@@ -275,6 +429,7 @@ mod tests {
             args: json!({"data": {"__pypool_att__": 0}}),
             session: None,
             timeout_ms: None,
+            window: None,
         };
         let body = encode(&msg, Codec::Json, &[Bytes::from_static(b"\x00\x01")]).unwrap();
         let header = br#"{"type":"call","id":7,"command":"echo","args":{"data":{"__pypool_att__":0}},"att":[2]}"#;
@@ -338,5 +493,77 @@ mod tests {
         let (msg, att) = decode(Bytes::from(body)).unwrap();
         assert_eq!(msg, Message::Pong { id: 4 });
         assert!(att.is_empty());
+    }
+
+    fn json_body(header: &str) -> Bytes {
+        let mut body = vec![b'J'];
+        body.extend_from_slice(&(header.len() as u32).to_be_bytes());
+        body.extend_from_slice(header.as_bytes());
+        Bytes::from(body)
+    }
+
+    #[test]
+    fn a_result_nested_too_deep_fails_its_call_not_the_channel() {
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        let header = format!(r#"{{"type":"result","id":9,"ok":{deep}}}"#);
+        match decode(json_body(&header)) {
+            Err(ProtocolError::Value { id: 9, reason }) => {
+                assert!(reason.contains("recursion"), "{reason}")
+            }
+            other => panic!("expected a value error for call 9, got {other:?}"),
+        }
+        // The same under msgpack.
+        let mut value = json!(1);
+        for _ in 0..200 {
+            value = json!([value]);
+        }
+        let packed =
+            rmp_serde::to_vec_named(&json!({"type": "chunk", "id": 4, "seq": 0, "value": value}))
+                .unwrap();
+        let mut body = vec![b'M'];
+        body.extend_from_slice(&(packed.len() as u32).to_be_bytes());
+        body.extend_from_slice(&packed);
+        assert!(matches!(
+            decode(Bytes::from(body)),
+            Err(ProtocolError::Value { id: 4, .. })
+        ));
+        // Just under the limit decodes.
+        let ok = format!("{}1{}", "[".repeat(100), "]".repeat(100));
+        let header = format!(r#"{{"type":"result","id":9,"ok":{ok}}}"#);
+        assert!(decode(json_body(&header)).is_ok());
+        // Anything that is not a reply stays a protocol error.
+        let header = format!(r#"{{"type":"pong","id":1,"x":{deep}}}"#);
+        assert!(matches!(
+            decode(json_body(&header)),
+            Err(ProtocolError::Header(_))
+        ));
+    }
+
+    #[test]
+    fn integers_beyond_64_bits_are_refused_not_rounded() {
+        for big in [
+            "18446744073709551616",
+            "-9223372036854775809",
+            "1180591620717411303424",
+        ] {
+            let header = format!(r#"{{"type":"result","id":3,"ok":[1,{{"n":{big}}}]}}"#);
+            match decode(json_body(&header)) {
+                Err(ProtocolError::Value { id: 3, reason }) => {
+                    assert!(reason.contains(big), "{reason}")
+                }
+                other => panic!("{big}: expected a value error, got {other:?}"),
+            }
+        }
+        for fine in [
+            "18446744073709551615",
+            "-9223372036854775808",
+            "1.8446744073709552e19",
+            "12345678901234567890123.5",
+            r#""18446744073709551616""#,
+            r#""a \" 18446744073709551616""#,
+        ] {
+            let header = format!(r#"{{"type":"result","id":3,"ok":{fine}}}"#);
+            assert!(decode(json_body(&header)).is_ok(), "{fine}");
+        }
     }
 }

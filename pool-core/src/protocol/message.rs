@@ -104,6 +104,17 @@ pub enum Message {
         /// How long the caller waits, in milliseconds from sending.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_ms: Option<u64>,
+        /// Flow control: how many stream items the worker may send before it needs CREDIT.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        window: Option<u32>,
+    },
+    /// Pool → worker: the consumer took `n` more stream items of call `id`; the worker may send
+    /// that many more.
+    Credit {
+        /// Request id.
+        id: u64,
+        /// Items granted.
+        n: u32,
     },
     /// Worker → pool: the final reply to a call.
     Result {
@@ -176,6 +187,7 @@ impl Message {
             Message::Chunk { .. } => "chunk",
             Message::End { .. } => "end",
             Message::Cancel { .. } => "cancel",
+            Message::Credit { .. } => "credit",
             Message::Cancelled { .. } => "cancelled",
             Message::Ping { .. } => "ping",
             Message::Pong { .. } => "pong",

@@ -3,6 +3,8 @@
 //! `PROTOCOL.md` at the repository root is the normative description; this module is its Rust
 //! implementation. A frame is a 4-byte big-endian length followed by a body; a body is a codec
 //! byte, a 4-byte header length, the header (JSON or MessagePack) and raw binary attachments.
+//!
+//! Version 2 added flow control for streams (`window` in CALL, the CREDIT message).
 
 pub mod auth;
 mod codec;
@@ -14,7 +16,12 @@ pub use framed::{channel_from_io, FramedReceiver, FramedSender};
 pub use message::{Hello, Message, RemoteError, Welcome};
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u64 = 1;
+pub const PROTOCOL_VERSION: u64 = 2;
+
+/// How deep values may nest (maps and lists inside each other), in arguments and results. The
+/// pool refuses deeper arguments before sending them; a deeper result reaches its caller as an
+/// error, and the worker lives on.
+pub const MAX_DEPTH: usize = 100;
 
 /// The default largest frame (256 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 256 * 1024 * 1024;

@@ -104,6 +104,7 @@ pub async fn call_only(
         args,
         session: None,
         timeout_ms: None,
+        window: None,
     };
     send(channel, &msg, attachments).await;
 }

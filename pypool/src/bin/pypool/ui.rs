@@ -114,6 +114,7 @@ pub fn error_kind(err: &pypool::Error) -> &'static str {
     use pypool::Error::*;
     match err {
         Saturated { .. } => "Saturated",
+        WorkerBusy { .. } => "WorkerBusy",
         Timeout { .. } => "Timeout",
         Handler { .. } => "Handler",
         WorkerCrashed { .. } => "WorkerCrashed",
@@ -123,6 +124,12 @@ pub fn error_kind(err: &pypool::Error) -> &'static str {
         ShuttingDown { .. } => "ShuttingDown",
         SessionEnded { .. } => "SessionEnded",
         Protocol { .. } => "Protocol",
+        RequestTooLarge { .. } => "RequestTooLarge",
+        ReplyTooLarge { .. } => "ReplyTooLarge",
+        InvalidArguments { .. } => "InvalidArguments",
+        UnknownCommand { .. } => "UnknownCommand",
+        Codec(_) => "Codec",
+        TooManySessions { .. } => "TooManySessions",
         InvalidConfig(_) => "InvalidConfig",
         _ => "PoolError",
     }

@@ -236,6 +236,12 @@ class ZmqChannel:
         if frames is None:
             return None
         if self._signer is not None:
+            if len(frames) == 1 and self._signer.recv_seq == 0:
+                # Refused at AUTH: the pool's reject comes before any signed message (it has
+                # no session key for a peer that failed), and only then is one accepted.
+                msg = protocol.decode_body(frames[0])
+                if msg["type"] == "reject":
+                    raise ProtocolError("the pool refused this worker: %s" % (msg.get("reason"),))
             frames = self._signer.check(frames)
         body = _join_body(frames)
         if len(body) > self._max_frame:

@@ -406,11 +406,21 @@ impl ZmqLauncher {
                 match tokio::time::timeout(EXIT_GRACE, expected.link()).await {
                     Ok(link) => link,
                     Err(_) => {
+                        let tail = process.stderr_tail();
+                        let hint = if tail.iter().any(|l| l.contains("No module named 'zmq'")) {
+                            format!(
+                                ": its interpreter has no pyzmq (install it with `{} -m pip \
+                                 install pyzmq`, or choose another interpreter)",
+                                spec.python.display()
+                            )
+                        } else {
+                            String::new()
+                        };
                         return Err(LaunchError::new(format!(
-                            "{who} exited ({info}) before joining {}",
+                            "{who} exited ({info}) before joining {}{hint}",
                             bound.endpoint
                         ))
-                        .with_stderr(process.stderr_tail()));
+                        .with_stderr(tail));
                     }
                 }
             }

@@ -13,7 +13,7 @@
 //! (rate-limited), and disconnected. Nothing a stranger sends is kept beyond a small, bounded
 //! table of connections that have not finished joining.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +22,7 @@ use futures::StreamExt;
 use parking_lot::Mutex;
 use pool_core::protocol::auth;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use zeromq::util::PeerIdentity;
@@ -79,6 +79,7 @@ pub(crate) struct Hub {
 
 struct Shared {
     config: HubConfig,
+    verdicts: Verdicts,
     pairing: Mutex<Pairing>,
     stop: CancellationToken,
     commands: mpsc::UnboundedSender<Command>,
@@ -114,6 +115,7 @@ impl Hub {
         let (commands, command_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             config,
+            verdicts: Verdicts::default(),
             pairing: Mutex::new(Pairing::default()),
             stop: CancellationToken::new(),
             commands,
@@ -135,6 +137,11 @@ impl Hub {
             shared,
             task: Mutex::new(Some(task)),
         }
+    }
+
+    /// Which identities are authenticated, for the tcp guard.
+    pub(crate) fn verdicts(&self) -> Verdicts {
+        self.shared.verdicts.clone()
     }
 
     /// Waits until the router task has ended (after [`close`](Self::close)).
@@ -308,6 +315,7 @@ impl Router {
         match command {
             Command::Forget(identity) => {
                 if self.routes.remove(&identity).is_some() {
+                    self.shared.verdicts.forget(&identity);
                     self.backend.peer_disconnected(&identity);
                 }
             }
@@ -333,6 +341,7 @@ impl Router {
                 // then end-of-stream.
                 self.routes.remove(&identity);
                 self.strangers.remove(&identity);
+                self.shared.verdicts.forget(&identity);
                 self.shared
                     .pairing
                     .lock()
@@ -384,6 +393,7 @@ impl Router {
             if failed {
                 // The link reports the reason; the peer is gone from now on.
                 self.routes.remove(&identity);
+                self.shared.verdicts.forget(&identity);
                 self.backend.peer_disconnected(&identity);
             }
             let delivered = match inbox.try_send(inbound) {
@@ -403,6 +413,7 @@ impl Router {
                     "its messages were not read: dropping it",
                 );
                 self.routes.remove(&identity);
+                self.shared.verdicts.forget(&identity);
                 self.backend.peer_disconnected(&identity);
             }
             return;
@@ -518,6 +529,7 @@ impl Router {
             self.refuse(identity, &reason).await;
             return;
         }
+        self.shared.verdicts.admit(identity.clone());
         tracing::debug!(target: "pypool::zmq", endpoint = %self.shared.config.label, peer = %show(&identity), "a worker joined");
     }
 
@@ -651,10 +663,54 @@ pub(crate) fn show(identity: &PeerIdentity) -> String {
     }
 }
 
+/// The identities the pool has authenticated, so that the tcp guard knows which connections
+/// may send large messages.
+#[derive(Clone, Default)]
+pub(crate) struct Verdicts(Arc<VerdictsInner>);
+
+#[derive(Default)]
+pub(crate) struct VerdictsInner {
+    authenticated: Mutex<HashSet<PeerIdentity>>,
+    changed: Notify,
+}
+
+impl Verdicts {
+    fn admit(&self, identity: PeerIdentity) {
+        self.0.authenticated.lock().insert(identity);
+        self.0.changed.notify_waiters();
+    }
+
+    fn forget(&self, identity: &PeerIdentity) {
+        self.0.authenticated.lock().remove(identity);
+    }
+
+    /// Whether `identity` is (or becomes, by `deadline`) authenticated.
+    pub(crate) async fn wait_authenticated(
+        &self,
+        identity: Option<PeerIdentity>,
+        deadline: Instant,
+    ) -> bool {
+        let Some(identity) = identity else {
+            return false;
+        };
+        loop {
+            let changed = self.0.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.0.authenticated.lock().contains(&identity) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return false;
+            }
+        }
+    }
+}
+
 /// Logs refusals at `warn`, at most [`LOGS_PER_SECOND`] a second; the rest are counted and
 /// summarised once a second, so a flood of strangers cannot flood the logs.
 #[derive(Default)]
-struct LogLimiter {
+pub(crate) struct LogLimiter {
     window: Option<Instant>,
     logged: u32,
     suppressed: u64,
@@ -662,6 +718,14 @@ struct LogLimiter {
 
 impl LogLimiter {
     fn warn(&mut self, endpoint: &str, identity: &PeerIdentity, reason: &str) {
+        self.warn_text(
+            endpoint,
+            &format!("refused a peer {}: {reason}", show(identity)),
+        );
+    }
+
+    /// Logs `text` at `warn` within the rate.
+    pub(crate) fn warn_text(&mut self, endpoint: &str, text: &str) {
         let now = Instant::now();
         if self
             .window
@@ -673,15 +737,15 @@ impl LogLimiter {
         }
         if self.logged < LOGS_PER_SECOND {
             self.logged += 1;
-            tracing::warn!(target: "pypool::zmq", endpoint, peer = %show(identity), "refused a peer: {reason}");
+            tracing::warn!(target: "pypool::zmq", endpoint, "{text}");
         } else {
             self.suppressed += 1;
         }
     }
 
-    fn flush(&mut self, endpoint: &str) {
+    pub(crate) fn flush(&mut self, endpoint: &str) {
         if self.suppressed > 0 {
-            tracing::warn!(target: "pypool::zmq", endpoint, "refused {} more peers (not logged one by one)", self.suppressed);
+            tracing::warn!(target: "pypool::zmq", endpoint, "{} more refusals (not logged one by one)", self.suppressed);
             self.suppressed = 0;
         }
     }

@@ -10,6 +10,7 @@ use pool_core::{LaunchError, Launched, Launcher, WorkerSpec};
 use zeromq::util::PeerIdentity;
 use zeromq::{RouterSocket, Socket};
 
+use crate::guard::{Guard, GuardConfig};
 use crate::hub::{show, Hub, HubConfig};
 use crate::key::Key;
 use crate::place::Place;
@@ -87,19 +88,24 @@ pub struct ZmqLauncher {
     connect_timeout: Duration,
     handshake_timeout: Option<Duration>,
     lobby: usize,
+    max_frame: usize,
     bound: tokio::sync::Mutex<Option<Arc<Bound>>>,
     endpoint: Mutex<Option<String>>,
 }
 
-/// A bound ROUTER with its hub.
+/// A bound ROUTER with its hub (and, on tcp, the guard that owns the public port).
 struct Bound {
     hub: Hub,
     endpoint: String,
     place: Option<Place>,
+    guard: Option<Guard>,
 }
 
 impl Drop for Bound {
     fn drop(&mut self) {
+        if let Some(guard) = &self.guard {
+            guard.close();
+        }
         self.hub.close();
         if let Some(place) = &self.place {
             place.remove();
@@ -137,6 +143,7 @@ impl ZmqLauncher {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             handshake_timeout: None,
             lobby: DEFAULT_LOBBY,
+            max_frame: pool_core::protocol::DEFAULT_MAX_FRAME,
             bound: tokio::sync::Mutex::new(None),
             endpoint: Mutex::new(None),
         }
@@ -200,6 +207,14 @@ impl ZmqLauncher {
         self
     }
 
+    /// On `tcp://`: the largest message a worker may send (default 256 MiB, the pool's default
+    /// `max_frame`). Keep it at least the pool's `max_frame`; larger messages end the
+    /// connection before the pool reserves memory for them.
+    pub fn max_frame(mut self, bytes: usize) -> Self {
+        self.max_frame = bytes;
+        self
+    }
+
     /// Starts local workers with this process launcher instead of a default one.
     #[cfg(unix)]
     pub fn process_launcher(mut self, launcher: pool_process::ProcessLauncher) -> Self {
@@ -250,27 +265,35 @@ impl ZmqLauncher {
         let mut socket = RouterSocket::new();
         let monitor = socket.monitor();
         let backend = socket.backend();
-        let (endpoint, place, signed) = match &self.bind {
-            BindAt::Ipc(dir) => {
-                let (listener, place) = Place::create(dir.as_deref()).map_err(|e| fail(&e))?;
-                if let Err(err) = socket.bind_listener(listener).await {
-                    place.remove();
-                    return Err(fail(&err));
-                }
-                (
-                    format!("ipc://{}", place.socket.display()),
-                    Some(place),
-                    false,
-                )
-            }
+        // The ROUTER itself always listens on a Unix socket in a private directory; on tcp the
+        // public port belongs to the guard, which relays to it (see `guard`).
+        #[cfg(unix)]
+        let (listener, place) = {
+            let dir = match &self.bind {
+                BindAt::Ipc(dir) => dir.as_deref(),
+                BindAt::Tcp(_) => None,
+            };
+            Place::create(dir).map_err(|e| fail(&e))?
+        };
+        if let Err(err) = socket.bind_listener(listener).await {
+            place.remove();
+            return Err(fail(&err));
+        }
+        let (endpoint, public) = match &self.bind {
+            BindAt::Ipc(_) => (format!("ipc://{}", place.socket.display()), None),
             BindAt::Tcp(addr) => {
-                let bound = socket
-                    .bind(&format!("tcp://{addr}"))
-                    .await
-                    .map_err(|e| fail(&e))?;
-                (bound.to_string(), None, true)
+                let listener = match tokio::net::TcpListener::bind(addr.as_str()).await {
+                    Ok(listener) => listener,
+                    Err(err) => {
+                        place.remove();
+                        return Err(fail(&format!("cannot listen on tcp://{addr}: {err}")));
+                    }
+                };
+                let local = listener.local_addr().map_err(|e| fail(&e))?;
+                (format!("tcp://{local}"), Some(listener))
             }
         };
+        let signed = public.is_some();
         let (send, recv) = socket.split();
         let hub = Hub::start(
             HubConfig {
@@ -286,11 +309,24 @@ impl ZmqLauncher {
             backend,
             monitor,
         );
+        let guard = public.map(|listener| {
+            Guard::start(
+                listener,
+                place.socket.clone(),
+                GuardConfig {
+                    max_message: (self.max_frame as u64).saturating_add(64 * 1024),
+                    auth_timeout: self.auth_timeout,
+                    label: endpoint.clone(),
+                },
+                hub.verdicts(),
+            )
+        });
         tracing::debug!(target: "pypool::zmq", endpoint = %endpoint, remote = self.remote, "listening");
         Ok(Bound {
             hub,
             endpoint,
-            place,
+            place: Some(place),
+            guard,
         })
     }
 
@@ -349,6 +385,9 @@ impl Launcher for ZmqLauncher {
         let bound = self.bound.lock().await.take();
         *self.endpoint.lock() = None;
         if let Some(bound) = bound {
+            if let Some(guard) = &bound.guard {
+                guard.shut_down().await;
+            }
             bound.hub.close();
             bound.hub.stopped().await;
             if let Some(place) = &bound.place {

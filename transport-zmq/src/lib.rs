@@ -36,11 +36,17 @@
 //!   events: pypool's PING/PONG decides, and disconnect events end a worker's channel at once.
 //! * A DEALER that reconnects with an identity already connected takes the identity over;
 //!   on `tcp://` its first message then fails the signature check and the worker is dropped.
-//! * No maximum message size (`ZMQ_MAXMSGSIZE`): the crate's decoder reserves whatever length a
-//!   frame header announces. See [`ZmqLauncher::remote`] and the README for how remote
-//!   endpoints are guarded.
+//! * No maximum message size (`ZMQ_MAXMSGSIZE`) and no deadline for a connection's ZMTP
+//!   handshake: the crate's decoder reserves whatever length a frame header announces (10 bytes
+//!   announcing a terabyte abort the process). So on `tcp://` the ROUTER listens only on a
+//!   private Unix socket and a guard owns the public port: it relays each connection, parsing
+//!   ZMTP frame headers as they pass, and ends connections that send oversized frames, too many
+//!   frames, or large messages before authenticating, or that do not finish the ZMTP handshake
+//!   within the auth timeout.
 #![warn(missing_docs)]
 
+#[cfg(unix)]
+mod guard;
 mod hub;
 mod key;
 mod launcher;

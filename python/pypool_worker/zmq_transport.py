@@ -193,9 +193,11 @@ class ZmqChannel:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        self._monitor_fd = self._monitor.getsockopt(zmq.FD)
+        self._monitor_due = True  # look at the monitor before the first wait
         self._poller = select.poll()
         self._poller.register(sock.getsockopt(zmq.FD), select.POLLIN)
-        self._poller.register(self._monitor.getsockopt(zmq.FD), select.POLLIN)
+        self._poller.register(self._monitor_fd, select.POLLIN)
         self._poller.register(self._wake_r, select.POLLIN)
         sock.connect(endpoint)
 
@@ -270,33 +272,37 @@ class ZmqChannel:
     def _recv_frames(self):
         """The frames of the next message, or None once the connection dropped."""
         zmq = self._zmq
+        events, pollin, noblock = zmq.EVENTS, zmq.POLLIN, zmq.NOBLOCK
+        sock, lock, wake_r, monitor_fd = self._sock, self._lock, self._wake_r, self._monitor_fd
         while True:
-            with self._lock:
+            with lock:
                 if self._closed:
                     return None
-                try:
-                    return self._sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
-                if self._disconnected():
-                    return None
-            self._poller.poll()
-            try:
-                os.read(self._wake_r, 4096)
-            except BlockingIOError:
-                pass
+                # ZMQ_EVENTS rather than a NOBLOCK recv that may raise: no exception per wait.
+                if sock.getsockopt(events) & pollin:
+                    return sock.recv_multipart(noblock)
+                if self._monitor_due:
+                    self._monitor_due = False
+                    if self._disconnected():
+                        return None
+            for fd, _ in self._poller.poll():
+                if fd == wake_r:
+                    try:
+                        os.read(wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                elif fd == monitor_fd:
+                    self._monitor_due = True
 
     def _disconnected(self):
         """Whether the monitor reported the connection to the pool lost (under the lock)."""
         zmq = self._zmq
-        while True:
-            try:
-                event = self._monitor.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return False
+        while self._monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            event = self._monitor.recv_multipart(zmq.NOBLOCK)
             (kind,) = struct.unpack_from("=H", event[0])
             if kind == zmq.EVENT_DISCONNECTED:
                 return True
+        return False
 
     def _send_raw(self, header):
         with self._lock:

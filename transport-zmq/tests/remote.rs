@@ -6,6 +6,7 @@
 mod common;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{app, pids, process_exists, remote_launcher, RemoteWorker, SecretFile, STEP};
@@ -13,6 +14,7 @@ use futures::FutureExt;
 use pool_core::{Error, Pool, PoolConfig};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
+use transport_zmq::ZmqLauncher;
 
 fn remote_config(size: usize) -> PoolConfig {
     PoolConfig::new(app())
@@ -317,6 +319,62 @@ async fn workers_flag_runs_a_set_that_lives_and_dies_together() {
     pool_core::Launcher::shutdown(launcher.as_ref()).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_before_the_pool_joins_once_it_listens() {
+    let secret = SecretFile::new();
+    // A free port nobody listens on yet.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let endpoint = format!("tcp://127.0.0.1:{port}");
+    let mut early = RemoteWorker::start(&endpoint, &secret.path, &app(), &[]);
+    // It is up and trying to connect (with backoff) before the pool exists.
+    wait_for_line(&mut early, "joining").await;
+    let launcher = Arc::new(ZmqLauncher::remote(
+        format!("127.0.0.1:{port}"),
+        secret.key.clone(),
+    ));
+    let pool = Pool::start(remote_config(1), launcher.clone())
+        .await
+        .expect("start");
+    assert_eq!(pids(&pool), vec![early.pid]);
+    echo(&pool, json!("early")).await;
+    finish(pool, &launcher, vec![early]).await;
+}
+
+/// Pins a defect of the zeromq crate: a second connection with an identity already connected
+/// takes the identity over (libzmq refuses it by default). Without the secret the impostor is
+/// never served, but it can cut off the worker whose identity it knows: the pool drops the
+/// identity at the impostor's first (unsigned) message, and the real worker loses its
+/// connection. Identities are random and not secret on the wire: anyone on the path could as
+/// well cut the connection, which is why remote traffic belongs on a private network.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impostor_with_a_workers_identity_cuts_it_off_but_is_never_served() {
+    let secret = SecretFile::new();
+    let (launcher, endpoint) = remote_launcher(&secret.key).await;
+    let mut worker = RemoteWorker::start(&endpoint, &secret.path, &app(), &[]);
+    let lines = wait_for_line(&mut worker, "joining").await;
+    let identity = lines
+        .iter()
+        .find_map(|line| line.split(" as ").nth(1))
+        .expect("the worker logs its identity")
+        .trim()
+        .to_owned();
+    let pool = Pool::start(remote_config(1), launcher.clone())
+        .await
+        .expect("start");
+    echo(&pool, json!("before")).await;
+    let mut impostor = rogue_peer_as(&endpoint, &secret.path, "impostor", &identity);
+    assert_eq!(rogue_output(&mut impostor).await.trim(), "dropped");
+    wait_for_counter(|| pool.stats().counters.crashes, 1).await;
+    // Its connection is gone, so it exits (0: "channel closed"), before the pool shuts down.
+    let (status, _) = worker.finish().await;
+    assert!(status.success(), "{status}");
+    pool.shutdown(Duration::from_secs(5)).await;
+    pool_core::Launcher::shutdown(launcher.as_ref()).await;
+}
+
 // ---- helpers ---------------------------------------------------------------------------
 
 /// The longest a busy remote worker's silence can go unnoticed: the wait for the first ping
@@ -399,6 +457,15 @@ fn process_group(pid: u32) -> Option<u32> {
 }
 
 fn rogue_peer(endpoint: &str, secret: &Path, mode: &str) -> tokio::process::Child {
+    rogue_peer_as(endpoint, secret, mode, "")
+}
+
+fn rogue_peer_as(
+    endpoint: &str,
+    secret: &Path,
+    mode: &str,
+    identity: &str,
+) -> tokio::process::Child {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/rogue_peer.py");
     let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("../python");
     tokio::process::Command::new(common::python())
@@ -406,6 +473,7 @@ fn rogue_peer(endpoint: &str, secret: &Path, mode: &str) -> tokio::process::Chil
         .arg(endpoint)
         .arg(secret)
         .arg(mode)
+        .arg(identity)
         .env("PYTHONPATH", package)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())

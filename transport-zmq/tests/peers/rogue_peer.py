@@ -1,13 +1,14 @@
 """A misbehaving zmq peer for the transport's tests: joins the pool like a worker (with the
 right secret), says HELLO, and then breaks the rules one way.
 
-usage: rogue_peer.py ENDPOINT SECRET_FILE MODE
+usage: rogue_peer.py ENDPOINT SECRET_FILE MODE [IDENTITY]
 
 MODE:
   replay    send the (genuinely signed) HELLO a second time, after WELCOME
   tamper    send a signed PONG whose body was altered after signing
   unsigned  send a PONG without the signature envelope
   stranger  skip joining: send a message before JOIN
+  impostor  connect with IDENTITY (another worker's) and send an unsigned message at once
 
 Prints one line: ``dropped`` once the pool closed the connection (the expected outcome), or
 what it got instead; exits 0 only for ``dropped``.
@@ -24,8 +25,9 @@ TIMEOUT_MS = 30000
 def main():
     endpoint, secret_file, mode = sys.argv[1:4]
     key = zmq_transport.load_secret_file(secret_file)
-    channel = zmq_transport.ZmqChannel(endpoint, ("rogue/%d" % os.getpid()).encode(), key)
-    if mode == "stranger":
+    identity = sys.argv[4].encode() if mode == "impostor" else ("rogue/%d" % os.getpid()).encode()
+    channel = zmq_transport.ZmqChannel(endpoint, identity, key)
+    if mode in ("stranger", "impostor"):
         channel._send_raw({"type": "hello"})
     else:
         if not channel.join():

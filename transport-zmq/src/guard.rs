@@ -335,6 +335,7 @@ impl Inspector {
                         bytes.copy_from_slice(&self.field);
                         u64::from_be_bytes(bytes)
                     } else {
+                        // `field` holds exactly `need` (1) bytes here.
                         u64::from(self.field[0])
                     };
                     if let Some(step) = self.admit(length)? {
@@ -458,6 +459,7 @@ fn parse_ready(command: &[u8]) -> Result<Option<Option<PeerIdentity>>, String> {
             return Err("a truncated READY property".to_owned());
         }
         let (key, rest) = rest.split_at(len);
+        // At least 4 bytes remain: checked above.
         let value_len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
         let rest = &rest[4..];
         if rest.len() < value_len {

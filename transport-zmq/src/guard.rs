@@ -90,6 +90,7 @@ impl Guard {
             active: AtomicUsize::new(0),
             stop: stop.clone(),
             tasks: tasks.clone(),
+            log: parking_lot::Mutex::new(crate::hub::LogLimiter::default()),
         });
         tasks.spawn(accept_loop(listener, shared));
         Guard { stop, tasks }
@@ -121,10 +122,11 @@ struct Shared {
     active: AtomicUsize,
     stop: CancellationToken,
     tasks: TaskTracker,
+    /// Keeps a flood of bad connections from flooding the logs.
+    log: parking_lot::Mutex<crate::hub::LogLimiter>,
 }
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    let mut limiter = crate::hub::LogLimiter::default();
     loop {
         let accepted = tokio::select! {
             _ = shared.stop.cancelled() => return,
@@ -133,7 +135,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         match accepted {
             Ok((stream, peer)) => {
                 if shared.active.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
-                    limiter.warn_text(
+                    shared.log.lock().warn_text(
                         &shared.config.label,
                         &format!(
                             "refused a connection from {peer}: {MAX_CONNECTIONS} already open"
@@ -151,7 +153,10 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                         outcome = relay(stream, &shared) => outcome,
                     };
                     if let Err(reason) = outcome {
-                        tracing::warn!(target: "pypool::zmq", endpoint = %shared.config.label, %peer, "closed a connection: {reason}");
+                        shared.log.lock().warn_text(
+                            &shared.config.label,
+                            &format!("closed the connection from {peer}: {reason}"),
+                        );
                     }
                     shared.active.fetch_sub(1, Ordering::Relaxed);
                 });

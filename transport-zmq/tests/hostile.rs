@@ -180,9 +180,9 @@ async fn garbage_and_floods_of_strangers_cost_the_pool_nothing() {
             .write_all(b"GET / HTTP/1.1\r\nHost: pool\r\n\r\n")
             .expect("garbage");
         expect_closed(garbage);
-        // 200 strangers at once, each sending a message before READY... then one that speaks
+        // 100 strangers at once, each sending a message before READY... then one that speaks
         // ZMTP but floods small frames before joining.
-        let strangers: Vec<TcpStream> = (0..200)
+        let strangers: Vec<TcpStream> = (0..100)
             .map(|_| {
                 let mut s = connect(&endpoint);
                 s.write_all(&greeting()).expect("greeting");

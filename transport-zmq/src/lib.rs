@@ -43,6 +43,11 @@
 //!   ZMTP frame headers as they pass, and ends connections that send oversized frames, too many
 //!   frames, or large messages before authenticating, or that do not finish the ZMTP handshake
 //!   within the auth timeout.
+//!
+//! # Platforms
+//!
+//! Unix (tested on Linux): the ROUTER's private socket, the guard and local process control use
+//! Unix facilities.
 #![warn(missing_docs)]
 
 #[cfg(unix)]

@@ -12,6 +12,9 @@ if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "msgpack>=1" "pyzmq>=25"
+# The zmq transport's Rust tests run their workers (and "remote" workers) with this interpreter;
+# they fail, rather than skip, when it lacks pyzmq.
+export PYPOOL_TEST_PYTHON="$PWD/$venv/bin/python"
 
 echo "== Python runtime tests, bare python3 (stdlib only)"
 (cd python && python3 -m unittest discover -s tests)

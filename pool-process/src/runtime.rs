@@ -41,6 +41,14 @@ pub const FILES: &[(&str, &str)] = &[
         "runtime.py",
         include_str!("../../python/pypool_worker/runtime.py"),
     ),
+    (
+        "zmq_transport.py",
+        include_str!("../../python/pypool_worker/zmq_transport.py"),
+    ),
+    (
+        "zmq_workers.py",
+        include_str!("../../python/pypool_worker/zmq_workers.py"),
+    ),
 ];
 
 /// The version of the embedded runtime: the `__version__` its `__init__.py` declares (read at

@@ -652,3 +652,99 @@ fn scrape(url: &str) -> String {
     assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
     response
 }
+
+/// The interpreter with pyzmq for the zmq transport (see transport-zmq's tests): set by
+/// scripts/test.sh, else the venv it creates.
+#[cfg(feature = "zmq")]
+fn python_with_pyzmq() -> String {
+    let python = std::env::var("PYPOOL_TEST_PYTHON").unwrap_or_else(|_| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/pyenv-test/bin/python")
+            .to_string_lossy()
+            .into_owned()
+    });
+    let has_zmq = Command::new(&python)
+        .args(["-c", "import zmq"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    assert!(
+        has_zmq,
+        "the zmq CLI tests need a Python with pyzmq: `{python}` cannot import zmq; run \
+         scripts/test.sh or set PYPOOL_TEST_PYTHON"
+    );
+    python
+}
+
+#[cfg(feature = "zmq")]
+#[test]
+fn demo_over_zmq_runs_and_leaves_no_process() {
+    let python = python_with_pyzmq();
+    let output = run(&[
+        "--python",
+        &python,
+        "demo",
+        "--transport",
+        "zmq",
+        "--workers",
+        "2",
+        "--json",
+    ]);
+    assert_exit(&output, 0);
+    let report = json_of(&output);
+    assert_eq!(report["transport"], "zmq");
+    assert_eq!(report["workload"]["ok"], 201, "{report}");
+    assert_eq!(report["workload"]["session_state_consistent"], true);
+    assert_eq!(report["processes_left"], 0);
+    for worker in report["status"]["workers"].as_array().into_iter().flatten() {
+        let pid = worker["pid"].as_u64().expect("a worker pid");
+        assert!(!alive(pid), "worker process {pid} outlived the demo");
+    }
+}
+
+#[cfg(feature = "zmq")]
+#[test]
+fn bench_over_zmq_measures() {
+    let python = python_with_pyzmq();
+    let output = run(&[
+        "--python",
+        &python,
+        "bench",
+        "--transport",
+        "zmq",
+        "--json",
+        "--calls",
+        "200",
+        "--workers",
+        "2",
+    ]);
+    assert_exit(&output, 0);
+    let report = json_of(&output);
+    assert_eq!(report["transport"], "zmq");
+    assert_eq!(report["errors"], 0, "{report}");
+    assert_latency(&report["latency_us"], "latency_us");
+}
+
+#[cfg(feature = "zmq")]
+#[test]
+fn zmq_without_pyzmq_says_what_to_install() {
+    // A bare interpreter without pyzmq: the start fails with the fix in the message.
+    let probe = Command::new("python3")
+        .args(["-c", "import zmq"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if probe.is_ok_and(|status| status.success()) {
+        // This machine's python3 has pyzmq: nothing to show here; the venv runs cover the rest.
+        return;
+    }
+    let output = run(&["demo", "--transport", "zmq", "--workers", "1"]);
+    assert_exit(&output, 3);
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("pip install pyzmq"),
+        "{}",
+        describe(&output)
+    );
+}

@@ -1,4 +1,7 @@
-"""``python -m pypool_worker --app <module or file.py> [--transport stdio|ipc] [--max-in-flight N]``"""
+"""``python -m pypool_worker --app <module or file.py> [--transport stdio|ipc|zmq] [--max-in-flight N]``
+
+Remote zmq workers add ``--connect tcp://HOST:PORT --secret-file FILE [--workers N]``.
+"""
 
 import os
 import sys

@@ -279,9 +279,19 @@ def log(message):
         pass
 
 
+# Called by _exit before the process ends, e.g. to let a message queue drain (zmq). Each must
+# return within a bounded time whatever thread calls it.
+_EXIT_HOOKS = []
+
+
 def _exit(code, reason=None):
     if reason:
         log(reason)
+    for hook in _EXIT_HOOKS:
+        try:
+            hook()
+        except BaseException:  # exiting regardless
+            pass
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -444,11 +454,22 @@ def _open_ipc(secret):
     return channel
 
 
-def _open_channel(transport, secret):
+def _open_channel(transport, secret, opts=None):
     if transport == "stdio":
         return _open_stdio()
     if transport == "ipc":
         return _open_ipc(secret)
+    if transport == "zmq":
+        from . import zmq_transport  # imports pyzmq, which only this transport needs
+
+        _protect_stdout()
+        channel = zmq_transport.open_channel(
+            secret,
+            connect=None if opts is None else opts.connect,
+            secret_file=None if opts is None else opts.secret_file,
+            log=log)
+        _EXIT_HOOKS.append(channel.flush_and_close)
+        return channel
     raise UsageError("unknown transport %r" % (transport,))
 
 
@@ -1020,7 +1041,10 @@ def _watch_parent(ppid):
 # Start-up
 
 
-_USAGE = "usage: python -m pypool_worker --app APP [--transport {stdio,ipc}] [--max-in-flight N]"
+_USAGE = ("usage: python -m pypool_worker --app APP [--transport {stdio,ipc,zmq}] "
+          "[--max-in-flight N]\n"
+          "       python -m pypool_worker --app APP --transport zmq --connect tcp://HOST:PORT "
+          "--secret-file FILE [--workers N]")
 _HELP = _USAGE + """
 
 Serve @handler functions of an app module to a pypool pool.
@@ -1028,24 +1052,34 @@ Serve @handler functions of an app module to a pypool pool.
 options:
   -h, --help            show this help message and exit
   --app APP             module name (my.handlers) or path to a .py file defining handlers
-  --transport {stdio,ipc}
+  --transport {stdio,ipc,zmq}
                         stdio (default): frames on stdin/stdout; ipc: Unix socket at
                         $PYPOOL_IPC_PATH, authenticated with the secret on the
-                        inherited descriptor $PYPOOL_SECRET_FD
+                        inherited descriptor $PYPOOL_SECRET_FD; zmq: a ZeroMQ DEALER
+                        (needs pyzmq) connected to the pool's ROUTER
+  --connect ENDPOINT    zmq: the pool to join, tcp://HOST:PORT (a remote worker) or
+                        ipc://PATH; a pool that starts the worker itself sets it
+  --secret-file FILE    zmq: file holding the pool's secret as hex text (remote workers)
+  --workers N           zmq: start N worker processes (each in its own process group)
+                        and end them all when one ends, so that the process manager that
+                        started this command restarts the whole set
   --max-in-flight N     concurrent calls accepted (default: the app's PYPOOL_MAX_IN_FLIGHT,
                         else 1)
   --version             show program's version number and exit
 """
-_TRANSPORTS = ("stdio", "ipc")
+_TRANSPORTS = ("stdio", "ipc", "zmq")
 
 
 class _Options:
-    __slots__ = ("app", "transport", "max_in_flight")
+    __slots__ = ("app", "transport", "max_in_flight", "connect", "secret_file", "workers")
 
     def __init__(self):
         self.app = None
         self.transport = "stdio"
         self.max_in_flight = None
+        self.connect = None
+        self.secret_file = None
+        self.workers = None
 
 
 def _parse_args(argv):
@@ -1064,7 +1098,8 @@ def _parse_args(argv):
             sys.stdout.write("pypool_worker %s\n" % __version__)
             sys.exit(0)
         name, has_value, value = arg.partition("=")
-        if name not in ("--app", "--transport", "--max-in-flight"):
+        if name not in ("--app", "--transport", "--max-in-flight", "--connect", "--secret-file",
+                        "--workers"):
             raise UsageError("unrecognized arguments: %s" % arg)
         if not has_value:
             value = next(args, None)
@@ -1077,14 +1112,28 @@ def _parse_args(argv):
                 raise UsageError("argument --transport: invalid choice: %r (choose from %s)"
                                  % (value, ", ".join(repr(t) for t in _TRANSPORTS)))
             opts.transport = value
+        elif name == "--connect":
+            opts.connect = value
+        elif name == "--secret-file":
+            opts.secret_file = value
         else:
             try:
-                opts.max_in_flight = int(value)
+                number = int(value)
             except ValueError:
-                raise UsageError("argument --max-in-flight: invalid int value: %r"
-                                 % value) from None
+                raise UsageError("argument %s: invalid int value: %r" % (name, value)) from None
+            if name == "--workers":
+                if number < 1:
+                    raise UsageError("argument --workers: must be at least 1, got %d" % number)
+                opts.workers = number
+            else:
+                opts.max_in_flight = number
     if opts.app is None:
         raise UsageError("the following arguments are required: --app")
+    if opts.transport != "zmq":
+        for given, flag in ((opts.connect, "--connect"), (opts.secret_file, "--secret-file"),
+                            (opts.workers, "--workers")):
+            if given is not None:
+                raise UsageError("argument %s: only with --transport zmq" % flag)
     return opts
 
 
@@ -1205,8 +1254,13 @@ def main(argv=None):
             log("cannot report the bad options to the pool: %s" % (open_exc,))
         _startup_failed(channel, exc)
 
+    if opts.workers is not None:
+        from .zmq_workers import run_workers  # a supervisor, not a worker: no channel
+
+        _exit(run_workers(argv, opts.workers))
+
     try:
-        channel = _open_channel(opts.transport, secret)
+        channel = _open_channel(opts.transport, secret, opts)
     except ProtocolError as exc:
         _exit(EXIT_PROTOCOL, "protocol error: %s" % exc)
     except Exception as exc:

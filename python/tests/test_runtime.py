@@ -91,9 +91,19 @@ class ParseArgsTest(unittest.TestCase):
         self.assertEqual((opts.app, opts.transport, opts.max_in_flight),
                          ("m.handlers", "stdio", None))
 
+    def test_zmq_options(self):
+        opts = runtime._parse_args(["--app", "a", "--transport", "zmq", "--connect",
+                                    "tcp://h:1", "--secret-file=/s", "--workers", "3"])
+        self.assertEqual((opts.transport, opts.connect, opts.secret_file, opts.workers),
+                         ("zmq", "tcp://h:1", "/s", 3))
+
     def test_errors(self):
         for argv in ([], ["--app"], ["--app", "a", "extra"], ["--bogus"], ["--ap", "a"],
-                     ["--app", "a", "--transport", "zmq"], ["--app", "a", "--max-in-flight", "x"]):
+                     ["--app", "a", "--transport", "carrier-pigeon"],
+                     ["--app", "a", "--max-in-flight", "x"],
+                     ["--app", "a", "--connect", "tcp://h:1"],
+                     ["--app", "a", "--transport", "zmq", "--workers", "0"],
+                     ["--app", "a", "--transport", "ipc", "--secret-file", "s"]):
             with self.subTest(argv=argv), self.assertRaises(runtime.UsageError):
                 runtime._parse_args(argv)
 

@@ -143,6 +143,17 @@ pub struct PoolConfig {
     pub stream_window: u32,
     /// Caps the `max_in_flight` a worker announces. Default: no cap.
     pub max_in_flight: Option<usize>,
+    /// Calls the pool may queue at a worker beyond those it runs (`max_in_flight`), so that a
+    /// busy worker never waits for its next call and its replies go out in batches (Celery
+    /// calls it prefetch). How many it actually queues follows the worker's recent pace: as many
+    /// as it gets through within `prefetch_wait`, so a worker of long calls gets none and a short
+    /// call is never stuck behind a long one there. Calls still go to the least loaded worker
+    /// first and in arrival order; a queued call that is cancelled is never run. 0 turns it off.
+    /// Default: 64.
+    pub prefetch: usize,
+    /// The longest a call queued at a worker (see `prefetch`) should expect to wait for the calls
+    /// ahead of it, judged by the worker's recent pace. Default: 1 ms.
+    pub prefetch_wait: Duration,
     /// At shutdown, how long a worker has after SHUTDOWN, and again after SIGTERM. Default: 2 s.
     pub stop_grace: Duration,
     /// How often the pool looks after idle workers, overflow and sessions. Default: 1 s.
@@ -193,6 +204,8 @@ impl PoolConfig {
             max_reply_bytes: DEFAULT_MAX_FRAME,
             stream_window: 16,
             max_in_flight: None,
+            prefetch: 64,
+            prefetch_wait: Duration::from_millis(1),
             stop_grace: Duration::from_secs(2),
             maintenance_interval: Duration::from_secs(1),
             stderr_tail_lines: 40,
@@ -307,6 +320,10 @@ setters! {
     max_reply_bytes: usize,
     /// Sets [`PoolConfig::stream_window`].
     stream_window: u32,
+    /// Sets [`PoolConfig::prefetch`].
+    prefetch: usize,
+    /// Sets [`PoolConfig::prefetch_wait`].
+    prefetch_wait: Duration,
     /// Sets [`PoolConfig::session_ttl`].
     session_ttl: Duration,
     /// Sets [`PoolConfig::default_affinity`].

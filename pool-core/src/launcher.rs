@@ -62,6 +62,14 @@ impl WorkerSpec {
 pub trait FrameSender: Send + Sync {
     /// Sends one frame body. An error means the channel is unusable from now on.
     async fn send(&mut self, body: Bytes) -> io::Result<()>;
+    /// Sends several frame bodies in order, as few system calls as the transport allows (the
+    /// pool's writer hands over everything queued at once). The default sends them one by one.
+    async fn send_many(&mut self, bodies: &mut Vec<Bytes>) -> io::Result<()> {
+        for body in bodies.drain(..) {
+            self.send(body).await?;
+        }
+        Ok(())
+    }
     /// Closes the sending direction (the peer sees end-of-file). Errors are ignored by the pool.
     async fn close(&mut self) -> io::Result<()> {
         Ok(())

@@ -28,6 +28,9 @@ const EXIT_AFTER_EOF: Duration = Duration::from_secs(2);
 /// that left the worker's process group) cannot delay the crash report longer than this.
 const EXIT_DRAIN: Duration = Duration::from_millis(100);
 
+/// The most frames the writer takes from its queue for one batched write.
+const WRITE_BATCH: usize = 256;
+
 /// Replies a call's channel holds beside its stream window, for the terminal replies: the final
 /// reply or CANCELLED, and the death report.
 const REPLY_SLACK: usize = 2;
@@ -686,16 +689,29 @@ async fn write_loop(
     mut frames: mpsc::UnboundedReceiver<Outgoing>,
     routing: Arc<Routing>,
 ) {
-    while let Some(outgoing) = frames.recv().await {
-        match outgoing {
-            Outgoing::Frame(body) => {
-                if let Err(err) = sender.send(body).await {
-                    *routing.kill_reason.lock() = Some(format!("could not be written to: {err}"));
-                    routing.kill.notify_one();
-                    return;
+    let mut batch = Vec::new();
+    let mut closing = false;
+    while !closing {
+        // Everything queued meanwhile goes out together: one write for many calls when the
+        // pool is busy, and no waiting when it is not.
+        match frames.recv().await {
+            Some(Outgoing::Frame(body)) => batch.push(body),
+            Some(Outgoing::Close) | None => break,
+        }
+        while batch.len() < WRITE_BATCH {
+            match frames.try_recv() {
+                Ok(Outgoing::Frame(body)) => batch.push(body),
+                Ok(Outgoing::Close) => {
+                    closing = true;
+                    break;
                 }
+                Err(_) => break,
             }
-            Outgoing::Close => break,
+        }
+        if let Err(err) = sender.send_many(&mut batch).await {
+            *routing.kill_reason.lock() = Some(format!("could not be written to: {err}"));
+            routing.kill.notify_one();
+            return;
         }
     }
     let _ = sender.close().await;

@@ -25,6 +25,7 @@ struct Registry {
     live_pids: Mutex<HashSet<u32>>,
     session_ends: Mutex<Vec<(u64, String)>>,
     calls_seen: AtomicU64,
+    calls_started: AtomicU64,
     items_sent: AtomicU64,
 }
 
@@ -149,6 +150,11 @@ impl FakeLauncher {
     /// CALL messages the workers received.
     pub fn calls_seen(&self) -> u64 {
         self.registry.calls_seen.load(Ordering::SeqCst)
+    }
+
+    /// Scripted calls that started running (not those cancelled while queued at the worker).
+    pub fn calls_started(&self) -> u64 {
+        self.registry.calls_started.load(Ordering::SeqCst)
     }
 
     /// Stream items the workers have sent.
@@ -440,6 +446,12 @@ impl FakeWorker {
             return code;
         }
         let (events_tx, mut events) = mpsc::unbounded_channel::<Event>();
+        // Like the Python runtime: calls beyond max_in_flight wait, in arrival order.
+        let slots = Arc::new(Semaphore::new(
+            usize::try_from(self.script.max_in_flight)
+                .unwrap_or(1)
+                .max(1),
+        ));
         let mut running: HashMap<u64, Running> = HashMap::new();
         let mut nth = 0u64;
         loop {
@@ -533,7 +545,15 @@ impl FakeWorker {
                     let credits = Arc::new(Semaphore::new(
                         window.map_or(Semaphore::MAX_PERMITS, |w| w as usize),
                     ));
-                    let task = tokio::spawn(perform(id, command, reply, events, credits.clone()));
+                    let task = tokio::spawn(perform(
+                        id,
+                        command,
+                        reply,
+                        events,
+                        credits.clone(),
+                        slots.clone(),
+                        self.registry.clone(),
+                    ));
                     running.insert(
                         id,
                         Running {
@@ -620,7 +640,15 @@ async fn perform(
     reply: FakeReply,
     events: mpsc::UnboundedSender<Event>,
     credits: Arc<Semaphore>,
+    slots: Arc<Semaphore>,
+    registry: Arc<Registry>,
 ) {
+    // Queued until one of the worker's max_in_flight slots is free (a CANCEL meanwhile aborts
+    // this task: the call never starts).
+    let Ok(_slot) = slots.acquire_owned().await else {
+        return;
+    };
+    registry.calls_started.fetch_add(1, Ordering::SeqCst);
     // A zero sleep would still wait for the timer wheel's next millisecond tick.
     if !reply.latency.is_zero() {
         tokio::time::sleep(reply.latency).await;

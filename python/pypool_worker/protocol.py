@@ -9,9 +9,12 @@ worker and the tests use it.
 """
 
 import json
+import json.decoder
+import json.encoder
 import math
 import os
 import struct
+import threading
 
 try:  # optional: the pool picks msgpack only when both sides announce it
     import msgpack as _msgpack
@@ -117,50 +120,47 @@ def _extract_for_msgpack(value, atts):
     return value  # anything else: msgpack accepts it (int/str subclasses) or raises TypeError
 
 
-class _HasBytes(Exception):
-    """Raised out of the plain JSON encoder when the value holds a byte string."""
+# One JSON encoder for every header, built once: json.dumps and JSONEncoder.encode build a new C
+# encoder on every call, which costs more than encoding a small header. Byte strings are moved
+# to the attachments as the encoder meets them (its ``default`` hook), into the list the current
+# thread set up: one pass over the value, bytes or not. No circular-reference check: a value
+# that contains itself fails with RecursionError (reported as the call's error) instead.
+# allow_nan=False: NaN/Infinity are not JSON and would make the pool drop the worker.
+_encoding = threading.local()
 
 
-def _no_bytes(obj):
+def _collect_bytes(obj):
     if isinstance(obj, (bytes, bytearray, memoryview)):
-        raise _HasBytes
+        atts = _encoding.atts
+        atts.append(_as_attachment(obj))
+        return {ATT_KEY: len(atts) - 1}
     raise TypeError("Object of type %s is not JSON serializable" % type(obj).__name__)
 
 
-# Built once: json.dumps with options builds a new JSONEncoder on every call, which costs more
-# than encoding a small header. Encoding keeps no state on the instance, so threads share it.
-# allow_nan=False: NaN/Infinity are not JSON and would make the pool drop the worker.
-_encode_plain_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
-                                      allow_nan=False, default=_no_bytes).encode
+if json.encoder.c_make_encoder is not None:  # CPython's C accelerator
+    _json_chunks = json.encoder.c_make_encoder(
+        None, _collect_bytes, json.encoder.encode_basestring, None, ":", ",", False, False,
+        False)
 
-
-def _encode_json_with_bytes(header, atts):
-    """JSON text of ``header`` with its byte strings moved to ``atts`` (the slower path)."""
-
-    def default(obj):
-        # json calls this, in output order, for every value it cannot encode itself.
-        if isinstance(obj, (bytes, bytearray, memoryview)):
-            atts.append(_as_attachment(obj))
-            return {ATT_KEY: len(atts) - 1}
-        raise TypeError("Object of type %s is not JSON serializable" % type(obj).__name__)
-
-    text = json.dumps(header, default=default, ensure_ascii=False, separators=(",", ":"),
-                      allow_nan=False)
-    # The attachment lengths are only known after encoding; append the tiny tail rather than
-    # walking the value twice.
-    sep = "," if len(text) > 2 else ""  # "{}" has no member to follow
-    return text[:-1] + sep + '"att":' + json.dumps([_nbytes(a) for a in atts]) + "}"
+    def _encode_json(value):
+        return "".join(_json_chunks(value, 0))
+else:  # pragma: no cover - other interpreters
+    _encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False,
+                                    check_circular=False, default=_collect_bytes).encode
 
 
 def _encode_header(header, codec):
     """(encoded header, attachments): attachments are the caller's objects, never copied."""
     atts = []
     if codec == JSON:
+        _encoding.atts = atts
         try:
-            # Most messages hold no byte strings: the prebuilt encoder handles them.
-            text = _encode_plain_json(header)
-        except _HasBytes:
-            text = _encode_json_with_bytes(header, atts)
+            text = _encode_json(header)
+        finally:
+            _encoding.atts = None
+        if atts:
+            # The lengths are only known after encoding: append the tiny tail.
+            text = "%s,\"att\":[%s]}" % (text[:-1], ",".join([str(_nbytes(a)) for a in atts]))
         return text.encode("utf-8"), atts
     if codec == MSGPACK:
         if _msgpack is None:
@@ -195,6 +195,39 @@ def encode_frame(header, codec=JSON, max_frame=DEFAULT_MAX_FRAME):
         raise FrameTooLarge("%s message of %d bytes exceeds max_frame %d"
                             % (header.get("type", "?"), size, max_frame))
     return [_FRAME_PREFIX.pack(size, _CODEC_BYTE[codec], len(head)) + head] + atts
+
+
+_JSON_SCALAR = {type(None): lambda v: "null", bool: lambda v: "true" if v else "false",
+                int: int.__repr__}
+
+
+def encode_result(call_id, value, codec=JSON, max_frame=DEFAULT_MAX_FRAME):
+    """``encode_frame`` of ``{"type": "result", "id": call_id, "ok": value}``, faster: a reply is
+    sent for every call, and most values are small."""
+    if codec != JSON:
+        return encode_frame({"type": "result", "id": call_id, "ok": value}, codec, max_frame)
+    scalar = _JSON_SCALAR.get(type(value))
+    atts = []
+    if scalar is not None:
+        text = scalar(value)
+    else:
+        _encoding.atts = atts
+        try:
+            text = _encode_json(value)
+        finally:
+            _encoding.atts = None
+    if atts:
+        head = '{"type":"result","id":%d,"ok":%s,"att":[%s]}' % (
+            call_id, text, ",".join([str(_nbytes(a)) for a in atts]))
+    else:
+        head = '{"type":"result","id":%d,"ok":%s}' % (call_id, text)
+    head = head.encode("utf-8")
+    size = 5 + len(head)
+    for att in atts:
+        size += _nbytes(att)
+    if size > max_frame:
+        raise FrameTooLarge("result message of %d bytes exceeds max_frame %d" % (size, max_frame))
+    return [_FRAME_PREFIX.pack(size, 0x4A, len(head)) + head] + atts
 
 
 def _nbytes(buf):
@@ -234,6 +267,9 @@ def _resolve_placeholders(value, atts):
     return value
 
 
+_scan_json = json.decoder.JSONDecoder().scan_once
+
+
 def decode_body(body):
     """Decode one frame body into its header dict, attachments already substituted as bytes."""
     size = len(body)
@@ -248,7 +284,13 @@ def decode_body(body):
         if codec == JSON:
             text = str(body[5:header_end], "utf-8")
             mentions_placeholder = ATT_KEY in text
-            header = json.loads(text)
+            try:
+                # The scanner alone: json.loads adds two whitespace searches per message.
+                header, end = _scan_json(text, 0)
+            except StopIteration:
+                header, end = None, -1
+            if end != len(text):
+                header = json.loads(text)  # whitespace around it, or not JSON: its error
         elif codec == MSGPACK:
             if _msgpack is None:
                 raise ProtocolError("received a msgpack frame but msgpack is not installed")
@@ -363,6 +405,14 @@ class FrameReader:
                 return False
             self._end += n
         return True
+
+    def buffered(self):
+        """Whether a whole frame is already buffered (the next read needs no system call)."""
+        held = self._end - self._start
+        if held < 4:
+            return False
+        (length,) = _LEN.unpack_from(self._buf, self._start)
+        return held - 4 >= length
 
     def read(self):
         """The next frame body, or None on a clean EOF; ProtocolError for a bad frame."""

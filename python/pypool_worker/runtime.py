@@ -36,6 +36,7 @@ single dict operations are atomic, so a read-modify-write that both kinds do nee
 own ``threading.Lock``.
 """
 
+import collections
 import faulthandler
 import functools
 import io
@@ -45,12 +46,17 @@ import sys
 import threading
 import time
 import types
+from threading import get_ident
 from collections.abc import Awaitable
 from queue import SimpleQueue
 
 from . import __version__
 from . import protocol
-from .protocol import FrameTooLarge, ProtocolError
+from .protocol import FrameTooLarge, ProtocolError, encode_result
+
+# The reader writes its outbox once it holds this many messages, even with more calls to run:
+# replies do not wait behind many others.
+_OUTBOX_MESSAGES = 32
 
 EXIT_OK = 0
 EXIT_STARTUP = 2
@@ -62,6 +68,9 @@ PARENT_POLL_SECONDS = 0.5
 _MAX_ERROR_TEXT = 1 << 20
 
 _THIS_FILE = __file__
+
+# Results that are certainly not a generator or an awaitable: no isinstance checks for them.
+_PLAIN_RESULTS = frozenset((type(None), bool, int, float, str, bytes, list, dict, tuple))
 
 
 # ============================================================================================
@@ -89,6 +98,31 @@ _HANDLERS = {}  # command name -> _Handler, filled by @handler while the app mod
 # Code flags (inspect.CO_COROUTINE and CO_ASYNC_GENERATOR; their values are fixed by CPython).
 _CO_COROUTINE = 0x80
 _CO_ASYNC_GENERATOR = 0x200
+
+
+_CO_GENERATOR = 0x20
+# Names that make a handler run on the sync thread rather than on the reader: through the first
+# five it watches its call while it runs (it must see a CANCEL, which the reader has to be free to
+# read); the others are how code usually blocks (sleeps, waits for an event, a lock, a process, a
+# socket), and a handler that blocks on the reader would hold up everything behind it, or wait
+# forever for a call the reader cannot read.
+_KEEPS_READER_BUSY = frozenset((
+    "cancelled", "check_cancelled", "wait_cancelled", "time_left", "deadline",
+    "sleep", "wait", "acquire", "join", "recv", "recv_into", "accept", "communicate",
+    "select", "poll", "input", "urlopen", "request", "get_nowait",
+))
+# Two inline calls in a row that take longer than this make their handler run on the sync thread
+# from then on: the reader must not be away from the channel for long.
+INLINE_BUDGET_SECONDS = 0.005
+
+
+def _inline_candidate(fn):
+    code = getattr(fn, "__code__", None)
+    if type(fn) is not types.FunctionType or code is None:
+        return False  # callable objects, partials, builtins: nothing to inspect, no fast path
+    if code.co_flags & _CO_GENERATOR:
+        return False
+    return not (_KEEPS_READER_BUSY & set(code.co_names))
 
 
 def _describe(fn):
@@ -125,7 +159,7 @@ def _describe(fn):
 class _Handler:
     """A registered function plus what the runtime needs to know to call it."""
 
-    __slots__ = ("name", "fn", "on_loop", "wants_ctx", "ctx_index")
+    __slots__ = ("name", "fn", "on_loop", "wants_ctx", "ctx_index", "inline", "slow_once")
 
     def __init__(self, name, fn):
         self.name = name
@@ -135,6 +169,12 @@ class _Handler:
         # function), the loop finishes it. ctx_index: where `ctx` goes among positional
         # arguments, or None to pass it by keyword.
         self.on_loop, self.wants_ctx, self.ctx_index = _describe(fn)
+        # Whether its calls may run on the reader thread itself (the fast path, no thread
+        # handoff). Not for generators (a stream waits for the pool's credit, which the reader
+        # must be free to read), nor for handlers that watch their cancellation or deadline
+        # (the reader must be free to read a CANCEL); a handler found to run long loses it.
+        self.inline = not self.on_loop and _inline_candidate(fn)
+        self.slow_once = False  # its last call on the reader took longer than the budget
 
     def bind(self, args, ctx):
         """Map the call's ``args`` onto (positional, keyword) arguments, adding ``ctx``."""
@@ -158,13 +198,17 @@ class _Handler:
         return pos, kw
 
 
-def handler(name_or_fn=None, name=None):
+def handler(name_or_fn=None, name=None, inline=None):
     """Register a function as a command: ``@handler``, ``@handler("name")`` or ``@handler(name=...)``.
 
-    The function is returned unchanged, so it stays callable from ordinary code and tests.
+    ``inline=False`` keeps a sync handler off the worker's reader thread: use it for a handler
+    that may block for long without looking like it (see the README: "Where sync handlers run").
+    ``inline=True`` asks for the fast path even when the runtime would not choose it (it is
+    still never used for generators). The function is returned unchanged, so it stays callable
+    from ordinary code and tests.
     """
     if callable(name_or_fn) and not isinstance(name_or_fn, str):
-        return _register(name_or_fn, name)
+        return _register(name_or_fn, name, inline)
     if name_or_fn is not None and not isinstance(name_or_fn, str):
         raise TypeError("@handler takes a function or a command name, not %r" % (name_or_fn,))
     if name_or_fn is not None and name is not None:
@@ -172,19 +216,24 @@ def handler(name_or_fn=None, name=None):
     chosen = name_or_fn if name_or_fn is not None else name
 
     def decorate(fn):
-        return _register(fn, chosen)
+        return _register(fn, chosen, inline)
 
     return decorate
 
 
-def _register(fn, name):
+def _register(fn, name, inline=None):
     if not callable(fn):
         raise TypeError("@handler needs a callable, not %r" % (fn,))
     if name is None:
         name = getattr(fn, "__name__", None)
     if not isinstance(name, str) or not name:
         raise ValueError("a handler needs a non-empty command name")
-    _HANDLERS[name] = _Handler(name, fn)
+    registered = _Handler(name, fn)
+    if inline is not None and not registered.on_loop:
+        code = getattr(fn, "__code__", None)
+        generator = code is not None and code.co_flags & _CO_GENERATOR
+        registered.inline = bool(inline) and not generator
+    _HANDLERS[name] = registered
     return fn
 
 
@@ -357,12 +406,29 @@ class _Channel:
     Only one thread reads at a time (the handshake, then the reader thread); any thread writes.
     """
 
-    def __init__(self, readinto, writev):
+    # Calls may run on the reader thread between reads (the fast path): the pool sees this
+    # channel's worker die from its process and pings it only when idle, so a reader busy with a
+    # short handler misses nothing.
+    inline_ok = True
+
+    def __init__(self, readinto, writev, fileno=None):
         self._frames = protocol.FrameReader(readinto)
         self._writev = writev
         self._lock = threading.Lock()
+        self._poll = None
+        if fileno is not None:
+            import select
+
+            self._poll = select.poll()
+            self._poll.register(fileno, select.POLLIN)
         self.codec = protocol.JSON  # until WELCOME says otherwise
         self.max_frame = protocol.DEFAULT_MAX_FRAME
+
+    def pending(self):
+        """Whether a message can be read without waiting: buffered, or bytes on the channel."""
+        if self._frames.buffered():
+            return True
+        return self._poll is not None and bool(self._poll.poll(0))
 
     @property
     def max_frame(self):
@@ -376,6 +442,10 @@ class _Channel:
     def encode(self, header):
         return protocol.encode_frame(header, self.codec, self._max_frame)
 
+    def encode_result(self, call_id, value):
+        """``encode`` of a call's successful RESULT, on the fast path."""
+        return encode_result(call_id, value, self.codec, self._max_frame)
+
     def write(self, parts):
         try:
             with self._lock:
@@ -386,6 +456,13 @@ class _Channel:
 
     def send(self, header):
         self.write(self.encode(header))
+
+    def write_many(self, messages):
+        """Write several encoded messages with as few system calls as possible."""
+        if len(messages) == 1:
+            self.write(messages[0])
+        else:
+            self.write([part for parts in messages for part in parts])
 
     def recv(self):
         """The next message, or None once the pool has closed the channel."""
@@ -421,7 +498,7 @@ def _open_stdio():
     os.close(devnull)
     # FileIO.readinto and a partial of os.writev: no Python frame per system call.
     reader = io.FileIO(frames_in, "rb", closefd=False)
-    return _Channel(reader.readinto, functools.partial(os.writev, frames_out))
+    return _Channel(reader.readinto, functools.partial(os.writev, frames_out), frames_in)
 
 
 def _open_ipc(secret):
@@ -442,7 +519,7 @@ def _open_ipc(secret):
         raise UsageError("the pool's secret is not a hex string") from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(path)
-    channel = _Channel(sock.recv_into, sock.sendmsg)
+    channel = _Channel(sock.recv_into, sock.sendmsg, sock.fileno())
     challenge = channel.recv()
     if challenge is None:
         _exit(EXIT_OK, "channel closed before the challenge, exiting")
@@ -505,13 +582,19 @@ def _opt_str(msg, field):
 
 
 class _Call:
-    __slots__ = ("id", "handler", "ctx", "task", "on_loop", "uses_loop", "granted", "sent",
-                 "_credit")
+    __slots__ = ("id", "handler", "session_id", "session", "deadline", "ctx", "cancelled", "task",
+                 "on_loop", "uses_loop", "granted", "sent", "_credit")
 
-    def __init__(self, call_id, handler_, ctx, window=None):
+    def __init__(self, call_id, handler_, session_id, session, deadline, window):
         self.id = call_id
         self.handler = handler_
-        self.ctx = ctx
+        self.session_id = session_id
+        self.session = session  # the session's dict, taken when the call was read (wire order)
+        self.deadline = deadline
+        # The handler's Context, made only if the handler takes one (see context()).
+        self.ctx = None
+        # Set by the reader, read by the thread running the call: a plain attribute is enough.
+        self.cancelled = False
         self.task = None
         # Flow control: stream items the pool has allowed so far (None: no limit), and items
         # sent. Each has one writer (the reader thread or the loop; the producer), so neither
@@ -525,6 +608,27 @@ class _Call:
         # True once the call belongs to the loop (set before the loop is told about it), so a
         # cancel must go there too; a sync call that never returns an awaitable stays False.
         self.uses_loop = False
+
+    def cancel(self):
+        """The pool cancelled the call (on the reader thread)."""
+        # The call's flag first, its Context's second: context() publishes the Context before
+        # it reads the flag, so one of the two always sees the other.
+        self.cancelled = True
+        ctx = self.ctx
+        if ctx is not None:
+            ctx._cancelled = True
+
+    def context(self, loop=None):
+        """The Context the handler receives, made on first use."""
+        ctx = self.ctx
+        if ctx is None:
+            session = {} if self.session is None else self.session
+            ctx = Context(self.id, self.session_id, session, self.deadline, self.handler.name,
+                          _loop=loop)
+            self.ctx = ctx
+            if self.cancelled:
+                ctx._cancelled = True
+        return ctx
 
 
 def _new_loop():
@@ -552,7 +656,23 @@ class Worker:
         self._calls = {}
         self._sessions = {}  # session id -> dict; touched only by the reader (wire order)
         self._sync_queue = SimpleQueue()  # (call, args) for the sync thread
+        # Calls handed to the sync thread, and calls it has finished: each has one writer (the
+        # reader, the sync thread), and the thread is idle when they are equal.
+        self._sync_sent = 0
+        self._sync_done = 0
         self._loop = None  # the asyncio loop, once there is one
+        self._loop_lock = threading.Lock()
+        # Sync calls read but not started, in arrival order: run on the reader when they may,
+        # else handed to the sync thread.
+        self._local = collections.deque()
+        # Replies the reader produced, written together before it next waits for input.
+        self._outbox = []
+        self._reader_ident = None
+        self._inline_ok = getattr(channel, "inline_ok", False)
+        self._write_many = getattr(channel, "write_many", None) or self._write_each
+        self._encode_result = getattr(channel, "encode_result", None) or (
+            lambda call_id, value: channel.encode({"type": "result", "id": call_id, "ok": value}))
+        self._pending = getattr(channel, "pending", None) or (lambda: False)
 
     # ---- handshake ---------------------------------------------------------------------
 
@@ -608,29 +728,38 @@ class Worker:
     def _ensure_loop(self):
         """The loop, started on a thread of its own if this sync-only app had none yet.
 
-        Only the sync thread calls this, so no lock; the reader looks at ``_loop`` only for
-        calls marked ``uses_loop``, which happens after ``_loop`` is set.
+        The reader looks at ``_loop`` only for calls marked ``uses_loop``, which happens after
+        ``_loop`` is set.
         """
-        if self._loop is None:
-            loop = _new_loop()
-            threading.Thread(target=_run_loop, args=(loop,), name="pypool-loop",
-                             daemon=True).start()
-            self._loop = loop
-        return self._loop
+        with self._loop_lock:
+            if self._loop is None:
+                loop = _new_loop()
+                threading.Thread(target=_run_loop, args=(loop,), name="pypool-loop",
+                                 daemon=True).start()
+                self._loop = loop
+            return self._loop
 
     def _read_forever(self):
+        self._reader_ident = threading.get_ident()
         recv = self.channel.recv
         dispatch = self._dispatch
+        pending = self._pending
         try:
             while True:
                 try:
                     msg = recv()
                 except protocol.BadCall as exc:
-                    self._reject_call(exc.header, str(exc))
-                    continue
+                    msg = exc
                 if msg is None:
                     _take_down_group("channel closed, exiting")
-                dispatch(msg)
+                if type(msg) is dict:
+                    dispatch(msg)
+                else:
+                    self._reject_call(msg.header, str(msg))
+                # Everything readable now is read first (a CANCEL for a call behind may be in
+                # it); then the calls run, and their replies go out together.
+                if not pending():
+                    self._run_local()
         except ProtocolError as exc:
             _exit(EXIT_PROTOCOL, "protocol error: %s" % exc)
         except KeyboardInterrupt:
@@ -645,7 +774,7 @@ class Worker:
         if kind == "call":
             self._on_call(msg)
         elif kind == "ping":
-            self.channel.send({"type": "pong", "id": _u64(msg, "id")})
+            self._send({"type": "pong", "id": _u64(msg, "id")})
         elif kind == "cancel":
             self._on_cancel(msg)
         elif kind == "credit":
@@ -659,39 +788,138 @@ class Worker:
             log("ignoring unexpected %r message" % kind)
 
     def _on_call(self, msg):
-        call_id = _u64(msg, "id")
-        command = _str(msg, "command")
-        session_id = _opt_str(msg, "session")
-        timeout_ms = _opt_u64(msg, "timeout_ms")
-        if call_id in self._calls:
+        # The checks of _u64/_str spelled out: this runs for every call.
+        get = msg.get
+        call_id = get("id")
+        command = get("command")
+        session_id = get("session")
+        timeout_ms = get("timeout_ms")
+        window = get("window")
+        if type(call_id) is not int or call_id < 0:
+            _u64(msg, "id")
+        if type(command) is not str:
+            _str(msg, "command")
+        if session_id is not None and type(session_id) is not str:
+            _str(msg, "session")
+        if timeout_ms is not None and (type(timeout_ms) is not int or timeout_ms < 0):
+            _u64(msg, "timeout_ms")
+        if window is not None and (type(window) is not int or window < 1):
+            raise ProtocolError("call message: 'window' must be a positive integer, got %r"
+                                % (window,))
+        calls = self._calls
+        if call_id in calls:
             raise ProtocolError("call id %d is already running" % call_id)
         handler_ = self.handlers.get(command)
         if handler_ is None:
-            self.channel.send({"type": "result", "id": call_id, "error": {
+            self._send({"type": "result", "id": call_id, "error": {
                 "type": "UnknownCommand",
                 "message": "unknown command %r; known commands: %s"
                            % (command, ", ".join(sorted(self.handlers))),
                 "traceback": None,
             }})
             return
-        session = self._sessions.setdefault(session_id, {}) if session_id is not None else {}
+        session = None if session_id is None else self._sessions.setdefault(session_id, {})
         deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000.0
-        ctx = Context(call_id, session_id, session, deadline, command, _loop=self._loop)
-        window = msg.get("window")
-        if window is not None and (type(window) is not int or window < 1):
-            raise ProtocolError("call message: 'window' must be a positive integer, got %r"
-                                % (window,))
-        call = _Call(call_id, handler_, ctx, window)
-        self._calls[call_id] = call
+        call = _Call(call_id, handler_, session_id, session, deadline, window)
+        calls[call_id] = call
         if handler_.on_loop:
             call.uses_loop = True
-            self._loop.call_soon_threadsafe(self._start_on_loop, call, msg.get("args"), None)
+            self._loop.call_soon_threadsafe(self._start_on_loop, call, get("args"), None)
         else:
-            self._sync_queue.put((call, msg.get("args")))
+            self._local.append((call, get("args")))
+
+    # ---- sync calls on the reader (the fast path) ----------------------------------------
+
+    def _run_local(self):
+        """Run the sync calls read so far, in arrival order: on this (the reader) thread when
+        their handler allows it and the sync thread is idle, else on the sync thread. Between
+        two calls, whatever has arrived meanwhile is read first. Then the replies go out."""
+        local = self._local
+        pending = self._pending
+        inline_ok = self._inline_ok
+        while local:
+            call, args = local.popleft()
+            if call.handler.inline and inline_ok and self._sync_sent == self._sync_done:
+                self._run_inline(call, args)
+                if local and pending():
+                    self._read_pending()
+            else:
+                self._sync_sent += 1
+                self._sync_queue.put((call, args))
+        if self._outbox:
+            self._flush()
+
+    def _read_pending(self):
+        """Read and dispatch the messages that can be read without waiting."""
+        recv = self.channel.recv
+        pending = self._pending
+        while pending():
+            try:
+                msg = recv()
+            except protocol.BadCall as exc:
+                self._reject_call(exc.header, str(exc))
+                continue
+            if msg is None:
+                _take_down_group("channel closed, exiting")
+            self._dispatch(msg)
+
+    def _run_inline(self, call, args):
+        started = time.perf_counter()
+        try:
+            pending = self._run_sync(call, args)
+        except Exception as exc:  # a runtime bug must not leave the caller waiting forever
+            log("internal error in call %d: %r" % (call.id, exc))
+            pending = None
+            self._send_error(call, exc)
+        handler_ = call.handler
+        if time.perf_counter() - started > INLINE_BUDGET_SECONDS:
+            # Twice in a row: once may be the machine, not the handler (the thread was not
+            # scheduled for a while).
+            if handler_.slow_once:
+                handler_.inline = False
+            handler_.slow_once = True
+        else:
+            handler_.slow_once = False
+        if pending is None:
+            self._calls.pop(call.id, None)
+        else:
+            call.handler.inline = False  # it hands work to the loop: not a fast handler
+            self._finish_on_loop(call, pending)
+
+    def _finish_on_loop(self, call, awaitable):
+        loop = self._ensure_loop()
+        if call.ctx is not None:
+            call.ctx._loop = loop
+        call.uses_loop = True
+        loop.call_soon_threadsafe(self._start_on_loop, call, None, awaitable)
+
+    def _emit(self, parts):
+        """Send an encoded message: on the reader thread into the outbox (written before the
+        reader next waits), from any other thread at once."""
+        if get_ident() == self._reader_ident:
+            outbox = self._outbox
+            outbox.append(parts)
+            if len(outbox) >= _OUTBOX_MESSAGES:
+                self._flush()
+        else:
+            self.channel.write(parts)
+
+    def _send(self, header):
+        self._emit(self.channel.encode(header))
+
+    def _write_each(self, messages):
+        for parts in messages:
+            self.channel.write(parts)
+
+    def _flush(self):
+        if self._outbox:
+            messages = self._outbox
+            self._outbox = []
+            self._write_many(messages)
 
     def _reject_call(self, header, message):
         """Answer a well-formed call whose arguments cannot be used; the worker goes on."""
-        self.channel.send({"type": "result", "id": header["id"], "error": {
+        self._send({"type": "result", "id": header["id"], "error": {
             "type": "InvalidArguments", "message": message, "traceback": None}})
 
     def _on_cancel(self, msg):
@@ -700,7 +928,7 @@ class Worker:
             return  # already answered, or never ours: the protocol says ignore
         # The flag first, uses_loop second: the sync thread sets uses_loop before the loop
         # checks the flag, so a call moving to the loop right now is caught by one or the other.
-        call.ctx._cancelled = True
+        call.cancel()
         if call.uses_loop:
             self._loop.call_soon_threadsafe(self._cancel_on_loop, call)
         else:
@@ -734,9 +962,9 @@ class Worker:
             if cond is None:
                 cond = call._credit = threading.Condition()
             with cond:
-                while call.sent >= call.granted and not call.ctx._cancelled:
+                while call.sent >= call.granted and not call.cancelled:
                     cond.wait()
-            if call.ctx._cancelled:
+            if call.cancelled:
                 return False
         call.sent += 1
         return True
@@ -762,6 +990,7 @@ class Worker:
     def _on_shutdown(self):
         log("shutdown requested, exiting")
         # Running handlers are dropped, not awaited: os._exit does not join threads.
+        self._flush()
         self.channel.send({"type": "goodbye"})
         _exit(EXIT_OK)
 
@@ -784,23 +1013,35 @@ class Worker:
                 self._calls.pop(call.id, None)
             else:
                 # A sync wrapper returned an awaitable: the loop finishes it (and answers).
-                loop = self._ensure_loop()
-                call.ctx._loop = loop
-                call.uses_loop = True
-                loop.call_soon_threadsafe(self._start_on_loop, call, None, pending)
+                self._finish_on_loop(call, pending)
+            self._sync_done += 1
 
     def _run_sync(self, call, args):
         """Run a sync handler and reply. Returns an awaitable for the loop to finish if the
         handler returned one, else None (already answered)."""
-        ctx = call.ctx
-        if ctx._cancelled:  # cancelled while queued behind another sync call
+        if call.cancelled:  # cancelled while queued behind another sync call
             self._send_cancelled(call)
             return None
+        handler_ = call.handler
         try:
-            pos, kw = call.handler.bind(args, ctx)
-            value = call.handler.fn(*pos, **kw)
+            if handler_.wants_ctx:
+                pos, kw = handler_.bind(args, call.context())
+                value = handler_.fn(*pos, **kw)
+            else:
+                kind = type(args)
+                if kind is dict:
+                    value = handler_.fn(**args)
+                elif kind is list:
+                    value = handler_.fn(*args)
+                elif args is None:
+                    value = handler_.fn()
+                else:
+                    value = handler_.fn(args)
         except BaseException as exc:
             self._fail(call, exc)
+            return None
+        if type(value) in _PLAIN_RESULTS:
+            self._send_result(call, value)
             return None
         if isinstance(value, types.GeneratorType):
             self._stream_sync(call, value)
@@ -811,12 +1052,11 @@ class Worker:
         return None
 
     def _stream_sync(self, call, gen):
-        ctx = call.ctx
         seq = 0
         try:
             while True:
                 # Checked between items, so a cancelled stream stops at its next yield.
-                if ctx._cancelled:
+                if call.cancelled:
                     self._send_cancelled(call)
                     return
                 try:
@@ -844,7 +1084,8 @@ class Worker:
         call.task = self._loop.create_task(self._run_async(call, args, obj))
 
     def _cancel_on_loop(self, call):
-        call.ctx._wake_waiters()
+        if call.ctx is not None:
+            call.ctx._wake_waiters()
         if call.on_loop:
             call.task.cancel()
 
@@ -861,8 +1102,7 @@ class Worker:
         """Run an async handler, or finish the awaitable ``obj`` a sync one returned."""
         import asyncio  # loaded: this is a coroutine running on it
 
-        ctx = call.ctx
-        if ctx._cancelled:  # the cancel came before the handler started
+        if call.cancelled:  # the cancel came before the handler started
             if isinstance(obj, types.CoroutineType):
                 obj.close()
             self._send_cancelled(call)
@@ -871,6 +1111,7 @@ class Worker:
         call.on_loop = True
         try:
             if obj is None:
+                ctx = call.context(self._loop) if call.handler.wants_ctx else None
                 pos, kw = call.handler.bind(args, ctx)
                 obj = call.handler.fn(*pos, **kw)
             if isinstance(obj, types.AsyncGeneratorType):
@@ -890,7 +1131,7 @@ class Worker:
                 self._send_result(call, value)
         except asyncio.CancelledError:
             call.on_loop = False
-            if not ctx._cancelled:
+            if not call.cancelled:
                 raise  # not the pool's cancel: the loop itself is going away
             self._send_cancelled(call)
         except BaseException as exc:
@@ -917,13 +1158,13 @@ class Worker:
                 log(str(code))
                 code = 1
             _exit(code, "handler %r called sys.exit(%r), exiting" % (call.handler.name, exc.code))
-        if isinstance(exc, Cancelled) and call.ctx._cancelled:
+        if isinstance(exc, Cancelled) and call.cancelled:
             self._send_cancelled(call)
         else:
             self._send_error(call, exc)
 
     def _send_error(self, call, exc, message=None):
-        self.channel.write(self._encode_error(call.id, error_info(exc, message)))
+        self._emit(self._encode_error(call.id, error_info(exc, message)))
 
     def _encode_error(self, call_id, error):
         try:
@@ -943,23 +1184,30 @@ class Worker:
             exc.__traceback__ = None  # the encoder's frames say nothing useful to the caller
             parts = self._encode_error(call.id, error_info(
                 exc, "cannot send the %s of %s(): %s" % (what, call.handler.name, exc)))
-            self.channel.write(parts)
+            self._emit(parts)
             return False
-        self.channel.write(parts)
+        self._emit(parts)
         return True
 
     def _send_result(self, call, value):
-        self._send_encoded_or_error(call, {"type": "result", "id": call.id, "ok": value}, "result")
+        try:
+            parts = self._encode_result(call.id, value)
+        except Exception:
+            # The general path reports it as the call's error.
+            self._send_encoded_or_error(
+                call, {"type": "result", "id": call.id, "ok": value}, "result")
+            return
+        self._emit(parts)
 
     def _send_chunk(self, call, seq, value):
         return self._send_encoded_or_error(
             call, {"type": "chunk", "id": call.id, "seq": seq, "value": value}, "chunk %d" % seq)
 
     def _send_end(self, call):
-        self.channel.send({"type": "end", "id": call.id})
+        self._send({"type": "end", "id": call.id})
 
     def _send_cancelled(self, call):
-        self.channel.send({"type": "cancelled", "id": call.id})
+        self._send({"type": "cancelled", "id": call.id})
 
 
 # ============================================================================================

@@ -291,6 +291,31 @@ class ConcurrencyAndCancelTest(unittest.TestCase):
         self.assertIn("out of range", reply["error"]["message"])
         self.assertEqual(self.w.ok(2, "echo", [2]), 2)
 
+    def test_quick_sync_handlers_run_on_the_reader_and_blocking_ones_off_it(self):
+        # (Quick ones first: right after a call on the sync thread, the next may still find that
+        # thread busy finishing up, and then it is queued there, in order.)
+        self.assertEqual(self.w.ok(1, "thread_name"), "pypool-reader")
+        self.assertEqual(self.w.ok(2, "thread_name"), "pypool-reader")
+        self.assertEqual(self.w.ok(3, "thread_name_after_a_nap"), "pypool-sync")
+        self.assertEqual(self.w.ok(4, "thread_name_kept_off_the_reader"), "pypool-sync")
+
+    def test_a_handler_that_runs_long_on_the_reader_moves_off_it(self):
+        # Too long twice in a row: the last time on the reader.
+        self.assertEqual(self.w.ok(1, "burn", [20]), "pypool-reader")
+        self.assertEqual(self.w.ok(2, "burn", [20]), "pypool-reader")
+        self.assertEqual(self.w.ok(3, "burn", [1]), "pypool-sync")
+
+    def test_a_cancel_behind_a_call_on_the_reader_is_seen_before_the_call_starts(self):
+        # Both calls and the cancel arrive together: the cancel is read before anything runs.
+        self.w.send_raw(b"".join([
+            wire.frame_bytes({"type": "call", "id": 1, "command": "burn", "args": [2]}),
+            wire.frame_bytes({"type": "call", "id": 2, "command": "thread_name", "args": None}),
+            wire.frame_bytes({"type": "cancel", "id": 2}),
+        ]))
+        replies = {r["id"]: r for r in (self.w.recv() for _ in range(2))}
+        self.assertEqual(replies[1]["ok"], "pypool-reader")
+        self.assertEqual(replies[2], {"type": "cancelled", "id": 2})
+
     def test_cancelled_raised_without_cancel_is_an_error(self):
         error = self.w.result(1, "raise_cancelled")["error"]
         self.assertEqual(error["type"], "pypool_worker.Cancelled")

@@ -100,7 +100,9 @@ impl Shared {
         options: CallOptions,
     ) -> Result<Payload, Error> {
         let context = self.context(caller.session_id(), command);
-        let span = tracing::info_span!(
+        // Debug level: a span per call costs more than the rest of the pool's work on a busy
+        // pool, so it is there for whoever turns debug tracing on.
+        let span = tracing::debug_span!(
             "pypool.call",
             pool = %context.pool,
             command = %context.command,

@@ -126,7 +126,7 @@ impl Shared {
             return;
         }
         Metrics::inc(&self.metrics.launches);
-        let capacity = (conn.hello.max_in_flight as usize)
+        let runs = (conn.hello.max_in_flight as usize)
             .min(self.config.max_in_flight.unwrap_or(usize::MAX));
         let recycle_after = self.config.max_calls.map(|max| {
             let jitter = self.config.max_calls_jitter.unwrap_or(max / 10);
@@ -156,7 +156,7 @@ impl Shared {
             NewWorker {
                 conn,
                 overflow,
-                capacity,
+                runs,
                 recycle_after,
                 max_age,
             },
@@ -233,10 +233,10 @@ impl Shared {
     }
 
     /// Returns a slot; recycles the worker if it became due; serves the next waiter.
-    pub(crate) fn release(self: &Arc<Self>, seq: u64) {
+    pub(crate) fn release(self: &Arc<Self>, seq: u64, sent: Option<Instant>) {
         let now = Instant::now();
         let mut state = self.state.lock();
-        if let Some(reason) = state.release(seq, now, self.config.max_rss) {
+        if let Some(reason) = state.release(seq, now, sent, self.config.max_rss) {
             Metrics::inc(&self.metrics.recycled);
             if let Some(name) = state.worker_name(seq) {
                 tracing::info!(pool = %self.config.name, worker = %name, "recycling worker: {reason}");

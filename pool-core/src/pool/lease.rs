@@ -24,17 +24,25 @@ pub(crate) struct Lease {
     shared: Arc<Shared>,
     seq: u64,
     pub(super) conn: Arc<WorkerConn>,
+    /// When its call was sent, while the call can still end with a reply (it tells the pool the
+    /// worker's pace).
+    sent: Option<Instant>,
 }
 
 impl Lease {
     pub(super) fn new(shared: Arc<Shared>, seq: u64, conn: Arc<WorkerConn>) -> Self {
-        Lease { shared, seq, conn }
+        Lease {
+            shared,
+            seq,
+            conn,
+            sent: None,
+        }
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.shared.release(self.seq);
+        self.shared.release(self.seq, self.sent);
     }
 }
 
@@ -51,11 +59,13 @@ pub(crate) struct InFlight {
 }
 
 impl InFlight {
-    pub(super) fn new(lease: Lease, id: u64, replies: mpsc::Receiver<Reply>) -> Self {
+    pub(super) fn new(mut lease: Lease, id: u64, replies: mpsc::Receiver<Reply>) -> Self {
+        let sent_at = Instant::now();
+        lease.sent = Some(sent_at);
         InFlight {
             lease: Some(lease),
             id,
-            sent_at: Instant::now(),
+            sent_at,
             replies: Some(replies),
             taken: 0,
         }
@@ -154,9 +164,11 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let (Some(lease), Some(replies)) = (self.lease.take(), self.replies.take()) else {
+        let (Some(mut lease), Some(replies)) = (self.lease.take(), self.replies.take()) else {
             return;
         };
+        // A cancelled call says nothing about the worker's pace.
+        lease.sent = None;
         let id = self.id;
         // Marked before anyone else can check the worker out.
         lease.shared.set_settling(lease.seq, true);

@@ -34,6 +34,8 @@ pub(crate) struct Limits {
     breaker_cooldown: Duration,
     restart_backoff: Duration,
     restart_backoff_max: Duration,
+    prefetch: usize,
+    prefetch_wait: Duration,
 }
 
 impl Limits {
@@ -47,6 +49,8 @@ impl Limits {
             breaker_cooldown: config.breaker_cooldown,
             restart_backoff: config.restart_backoff,
             restart_backoff_max: config.restart_backoff_max,
+            prefetch: config.prefetch,
+            prefetch_wait: config.prefetch_wait,
         }
     }
 }
@@ -65,7 +69,17 @@ pub(crate) struct Slot {
     pub conn: Arc<WorkerConn>,
     pub overflow: bool,
     in_flight: usize,
-    capacity: usize,
+    /// Calls it runs at once (its `max_in_flight`, capped by the pool's).
+    runs: usize,
+    /// Calls it may hold beyond those, queued (prefetch), at most.
+    prefetch: usize,
+    /// The longest a queued call should expect to wait behind the others.
+    prefetch_wait: Duration,
+    /// Its recent time per call (EWMA), as the pool sees replies come back; `None` until the
+    /// first reply.
+    service: Option<Duration>,
+    /// When its last reply came back.
+    last_reply: Instant,
     retiring: Option<Retiring>,
     /// Due for recycling (why): a replacement is wanted; it retires once the replacement is up
     /// and its Strict sessions are gone (or at once, for a hard reason).
@@ -92,7 +106,24 @@ pub(crate) struct Slot {
 
 impl Slot {
     fn available(&self) -> bool {
-        self.retiring.is_none() && self.settling == 0 && self.in_flight < self.capacity
+        self.retiring.is_none() && self.settling == 0 && self.in_flight < self.capacity()
+    }
+
+    /// Calls it takes now: those it runs at once, plus as many queued ones as it gets through
+    /// within `prefetch_wait` at its recent pace (at most `prefetch`). A worker of short calls
+    /// gets a deep queue, so it never waits for its next call and replies go out in batches; a
+    /// worker of long calls gets none, so a short call never waits behind a long one there.
+    pub fn capacity(&self) -> usize {
+        let queued = match self.service {
+            None => self.prefetch.min(1),
+            Some(service) if service.is_zero() => self.prefetch,
+            Some(service) => {
+                let fits = self.prefetch_wait.as_nanos() / service.as_nanos();
+                self.prefetch
+                    .min(usize::try_from(fits).unwrap_or(usize::MAX))
+            }
+        };
+        self.runs + queued
     }
 
     fn live(&self) -> bool {
@@ -101,10 +132,6 @@ impl Slot {
 
     pub fn in_flight(&self) -> usize {
         self.in_flight
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.capacity
     }
 
     pub fn calls(&self) -> u64 {
@@ -220,8 +247,8 @@ pub(crate) struct Breaker {
 pub(crate) struct NewWorker {
     pub conn: Arc<WorkerConn>,
     pub overflow: bool,
-    /// Calls it takes at once.
-    pub capacity: usize,
+    /// Calls it runs at once.
+    pub runs: usize,
     /// Recycle after this many calls (`max_calls` + jitter).
     pub recycle_after: Option<u64>,
     /// Recycle at this age (`max_age` + jitter).
@@ -270,6 +297,9 @@ pub(crate) struct State {
     next_worker: u64,
     /// The commands the workers announced, sorted (the union over every HELLO so far).
     commands: Vec<String>,
+    /// Sessions whose worker is gone (their waiters must fail): while there are none, the
+    /// decisions need not look at every waiter.
+    lost_sessions: usize,
 }
 
 impl State {
@@ -296,6 +326,7 @@ impl State {
             next_waiter: 1,
             next_worker: 1,
             commands: Vec::new(),
+            lost_sessions: 0,
         }
     }
 
@@ -365,7 +396,7 @@ impl State {
             gauges.calls_in_flight += slot.in_flight;
             if slot.retiring.is_some() {
                 gauges.workers_draining += 1;
-            } else if slot.in_flight >= slot.capacity {
+            } else if slot.in_flight >= slot.capacity() {
                 gauges.workers_busy += 1;
             } else {
                 gauges.workers_ready += 1;
@@ -502,12 +533,28 @@ impl State {
         Some(conn)
     }
 
-    /// Gives a slot back after its call is settled. Returns the recycling reason if the worker
-    /// became due (`max_calls`, `max_rss` over `max_rss`), for the log.
-    pub fn release(&mut self, seq: u64, now: Instant, max_rss: Option<u64>) -> Option<String> {
+    /// Gives a slot back after its call is settled. `sent` is when its call went out, if it
+    /// ended with a reply (it feeds the worker's pace). Returns the recycling reason if the
+    /// worker became due (`max_calls`, `max_rss` over `max_rss`), for the log.
+    pub fn release(
+        &mut self,
+        seq: u64,
+        now: Instant,
+        sent: Option<Instant>,
+        max_rss: Option<u64>,
+    ) -> Option<String> {
         let slot = self.workers.get_mut(&seq)?;
         slot.in_flight = slot.in_flight.saturating_sub(1);
         slot.last_used = now;
+        if let Some(sent) = sent {
+            // The worker started this call when it was sent, or when it finished the one before.
+            let took = now.saturating_duration_since(sent.max(slot.last_reply));
+            slot.service = Some(match slot.service {
+                None => took,
+                Some(pace) => (pace * 7 + took) / 8,
+            });
+            slot.last_reply = now;
+        }
         if slot.retiring.is_some() || slot.due.is_some() {
             return None;
         }
@@ -632,7 +679,7 @@ impl State {
         let NewWorker {
             conn,
             overflow,
-            capacity,
+            runs,
             recycle_after,
             max_age,
         } = new;
@@ -653,7 +700,11 @@ impl State {
                 conn,
                 overflow,
                 in_flight: 0,
-                capacity,
+                runs,
+                prefetch: self.limits.prefetch,
+                prefetch_wait: self.limits.prefetch_wait,
+                service: None,
+                last_reply: now,
                 retiring: None,
                 due: None,
                 due_hard: false,
@@ -685,6 +736,7 @@ impl State {
                     lost.push(id.clone());
                 }
             }
+            self.lost_sessions += lost.len();
         }
         for entry in self.sessions.values_mut() {
             entry.touched.remove(&seq);
@@ -767,6 +819,9 @@ impl State {
     /// its state (to tell them).
     pub fn end_session(&mut self, id: &str) -> Option<(Vec<Arc<WorkerConn>>, Vec<Waiter>)> {
         let entry = self.sessions.remove(id)?;
+        if entry.lost.is_some() {
+            self.lost_sessions -= 1;
+        }
         if let Some(bound) = entry.bound {
             if let Some(slot) = self.workers.get_mut(&bound) {
                 slot.bound_sessions = slot.bound_sessions.saturating_sub(1);
@@ -874,6 +929,9 @@ impl State {
     /// open) waiting for workers that will not come.
     fn fail_unservable_waiters(&mut self, out: &mut Decisions) {
         let circuit = self.breaker_open() && self.live_workers() == 0;
+        if !circuit && self.lost_sessions == 0 {
+            return; // Every waiter can still be served: nothing to look at.
+        }
         let mut kept = VecDeque::with_capacity(self.waiters.len());
         for waiter in self.waiters.drain(..) {
             let lost = match &waiter.target {
@@ -929,19 +987,23 @@ impl State {
             .size
             .saturating_sub(fresh_permanent + self.starting_permanent)
             .min((limits.size + MAX_SURGE).saturating_sub(permanent_processes));
-        let waiting = self
-            .waiters
-            .iter()
-            .filter(|w| !self.pinned(&w.target))
-            .count();
-        let processes = self.workers.len()
-            + self.starting()
-            + self.stopping_permanent
-            + self.stopping_overflow
-            + permanent;
-        let mut extra = waiting
-            .saturating_sub(self.starting() + permanent)
-            .min((limits.size + limits.max_overflow).saturating_sub(processes));
+        let mut extra = if limits.max_overflow == 0 || self.waiters.is_empty() {
+            0
+        } else {
+            let waiting = self
+                .waiters
+                .iter()
+                .filter(|w| !self.pinned(&w.target))
+                .count();
+            let processes = self.workers.len()
+                + self.starting()
+                + self.stopping_permanent
+                + self.stopping_overflow
+                + permanent;
+            waiting
+                .saturating_sub(self.starting() + permanent)
+                .min((limits.size + limits.max_overflow).saturating_sub(processes))
+        };
         if permanent == 0 && extra == 0 {
             return;
         }
@@ -977,6 +1039,13 @@ impl State {
     /// recycling once a replacement is up (make before break) and their Strict sessions are gone
     /// (unless they must go regardless).
     fn plan_retirements(&mut self, out: &mut Decisions) {
+        if !self
+            .workers
+            .values()
+            .any(|s| s.due.is_some() || s.retiring.is_some())
+        {
+            return;
+        }
         let live_permanent = self
             .workers
             .values()

@@ -34,6 +34,9 @@ pub struct FramedSender<W> {
 /// ones are written in place, after the prefix.
 const COALESCE_LIMIT: usize = 16 * 1024;
 
+/// A batch of small frames is written once it has buffered this much.
+const BATCH_LIMIT: usize = 256 * 1024;
+
 /// The receiving half of [`channel_from_io`].
 pub struct FramedReceiver<R> {
     inner: FramedRead<R, LengthDelimitedCodec>,
@@ -42,22 +45,8 @@ pub struct FramedReceiver<R> {
 #[async_trait]
 impl<W: AsyncWrite + Unpin + Send + Sync> FrameSender for FramedSender<W> {
     async fn send(&mut self, body: Bytes) -> io::Result<()> {
-        if body.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty frame"));
-        }
-        if body.len() > self.max_frame {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "frame of {} bytes exceeds the maximum of {}",
-                    body.len(),
-                    self.max_frame
-                ),
-            ));
-        }
-        let prefix = u32::try_from(body.len())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame longer than 4 GiB"))?
-            .to_be_bytes();
+        self.check(&body)?;
+        let prefix = (body.len() as u32).to_be_bytes();
         if body.len() <= COALESCE_LIMIT {
             self.small.clear();
             self.small.extend_from_slice(&prefix);
@@ -70,8 +59,58 @@ impl<W: AsyncWrite + Unpin + Send + Sync> FrameSender for FramedSender<W> {
         self.writer.flush().await
     }
 
+    async fn send_many(&mut self, bodies: &mut Vec<Bytes>) -> io::Result<()> {
+        for body in bodies.iter() {
+            self.check(body)?;
+        }
+        // Small frames are copied behind their prefixes into one buffer; a large one is written
+        // in place after flushing what came before it. Mostly that is one write for the batch.
+        self.small.clear();
+        for body in bodies.drain(..) {
+            let prefix = (body.len() as u32).to_be_bytes();
+            if body.len() <= COALESCE_LIMIT {
+                self.small.extend_from_slice(&prefix);
+                self.small.extend_from_slice(&body);
+                if self.small.len() >= BATCH_LIMIT {
+                    self.writer.write_all(&self.small).await?;
+                    self.small.clear();
+                }
+            } else {
+                self.small.extend_from_slice(&prefix);
+                self.writer.write_all(&self.small).await?;
+                self.small.clear();
+                self.writer.write_all(&body).await?;
+            }
+        }
+        if !self.small.is_empty() {
+            self.writer.write_all(&self.small).await?;
+            self.small.clear();
+        }
+        self.writer.flush().await
+    }
+
     async fn close(&mut self) -> io::Result<()> {
         self.writer.shutdown().await
+    }
+}
+
+impl<W> FramedSender<W> {
+    /// Refuses an empty frame or one over the maximum (before anything of a batch is written).
+    fn check(&self, body: &Bytes) -> io::Result<()> {
+        if body.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty frame"));
+        }
+        if body.len() > self.max_frame || u32::try_from(body.len()).is_err() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "frame of {} bytes exceeds the maximum of {}",
+                    body.len(),
+                    self.max_frame
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 

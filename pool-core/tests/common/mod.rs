@@ -13,9 +13,11 @@ pub fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
-/// A config with short, test-friendly time limits.
+/// A config with short, test-friendly time limits, and no prefetch: the queueing tests count on
+/// one call per worker at a time (`prefetch.rs` tests prefetch).
 pub fn config(size: usize) -> PoolConfig {
     PoolConfig::new("fake_app")
+        .prefetch(0)
         .size(size)
         .checkout_timeout(5 * SEC)
         .call_timeout(10 * SEC)

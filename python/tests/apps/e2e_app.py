@@ -249,3 +249,33 @@ async def wrapped_async(x):
 @handler
 def sys_exit(code):
     sys.exit(code)
+
+
+# ---- where sync handlers run (the reader's fast path) ---------------------------------------
+
+
+@handler
+def thread_name():
+    """A quick sync handler: it runs on the reader thread."""
+    return threading.current_thread().name
+
+
+@handler
+def thread_name_after_a_nap():
+    """It sleeps, so it runs on the sync thread."""
+    time.sleep(0)
+    return threading.current_thread().name
+
+
+@handler(inline=False)
+def thread_name_kept_off_the_reader():
+    return threading.current_thread().name
+
+
+@handler
+def burn(ms):
+    """Busy for ``ms`` milliseconds without any name that looks like blocking."""
+    end = time.perf_counter() + ms / 1000.0
+    while time.perf_counter() < end:
+        pass
+    return threading.current_thread().name

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the project on a fresh machine: the Python runtime's unit tests (with a bare
 # python3, then in a private venv with the optional msgpack/pyzmq codecs), formatting, clippy,
-# and the whole Rust workspace (whose transport tests start real Python workers with the bare
-# python3 on PATH).
+# the whole Rust workspace (whose transport tests start real Python workers with the bare
+# python3 on PATH), and the checks that keep the crates publishable and the library lean.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +27,25 @@ cargo fmt --all -- --check
 
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
+
+echo "== a plain dependency on the library compiles none of the CLI's dependencies"
+# What `pypool = "0.1"` (default features) builds: normal and build dependencies, every target.
+lib_deps=$(cargo tree -p pypool -e normal,build --prefix none --target all)
+if grep -E '^(clap|clap_builder|indicatif|tracing-subscriber|comfy-table|console) ' <<<"$lib_deps"; then
+    echo "error: the pypool library's default features pull in the CLI's dependencies (above)" >&2
+    exit 1
+fi
+echo "ok: $(sed 's/ (\*)//' <<<"$lib_deps" | sort -u | wc -l) crates, no clap"
+
+echo "== cargo package: every crate, in dependency order, built from its packaged sources"
+# Each crate is packaged and then compiled from the .crate file alone, against the packages of the
+# crates it depends on (a local registry of this workspace's packages), exactly as from crates.io.
+list=$(cargo package --workspace --list --allow-dirty 2>/dev/null)
+if grep -E '(__pycache__|\.pyc$|(^|/)target/|\.egg-info)' <<<"$list"; then
+    echo "error: build output in a package (above)" >&2
+    exit 1
+fi
+cargo package --workspace --allow-dirty --quiet
 
 echo "== cargo test"
 cargo test --workspace --all-features

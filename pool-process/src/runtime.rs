@@ -25,29 +25,17 @@ pub const PACKAGE: &str = "pypool_worker";
 
 /// The source files of the embedded runtime: `(file name inside the package, contents)`.
 pub const FILES: &[(&str, &str)] = &[
-    (
-        "__init__.py",
-        include_str!("../../python/pypool_worker/__init__.py"),
-    ),
-    (
-        "__main__.py",
-        include_str!("../../python/pypool_worker/__main__.py"),
-    ),
-    (
-        "protocol.py",
-        include_str!("../../python/pypool_worker/protocol.py"),
-    ),
-    (
-        "runtime.py",
-        include_str!("../../python/pypool_worker/runtime.py"),
-    ),
+    ("__init__.py", include_str!("../pypool_worker/__init__.py")),
+    ("__main__.py", include_str!("../pypool_worker/__main__.py")),
+    ("protocol.py", include_str!("../pypool_worker/protocol.py")),
+    ("runtime.py", include_str!("../pypool_worker/runtime.py")),
     (
         "zmq_transport.py",
-        include_str!("../../python/pypool_worker/zmq_transport.py"),
+        include_str!("../pypool_worker/zmq_transport.py"),
     ),
     (
         "zmq_workers.py",
-        include_str!("../../python/pypool_worker/zmq_workers.py"),
+        include_str!("../pypool_worker/zmq_workers.py"),
     ),
 ];
 

@@ -18,7 +18,7 @@
 //! | `zmq` | `zmq` | `"zmq"`: ZeroMQ: local workers over `ipc://` by name; remote workers that join over `tcp://` with [`zmq::ZmqLauncher::remote`] (the workers need pyzmq) |
 //! | `testkit` | `testkit` | `"fake"`: in-process fake workers for tests |
 //! | `metrics` | `metrics` | publishes pool statistics through the `metrics` crate |
-//! | `cli` (default) | — | the `pypool` command-line tool (`pypool demo`, `bench`, `call`, `doctor`) |
+//! | — | — | the `pypool` command-line tool is the `pypool-cli` crate (`cargo install pypool-cli`) |
 //!
 //! A program that wants to choose its transport in its configuration uses [`launcher`] with a
 //! name; [`transports`] lists the names compiled in.

@@ -120,7 +120,7 @@ pub enum Command {
     ///
     /// Each is shown with pypool's throughput and latency as a ratio of its own (--baseline
     /// needs a process transport: stdio or ipc). The runs share one machine, so compare ratios, not absolute
-    /// numbers, and prefer a release build (`cargo run --release -p pypool -- bench`).
+    /// numbers, and prefer a release build (`cargo run --release -p pypool-cli -- bench`).
     #[command(after_help = BENCH_AFTER_HELP)]
     Bench(BenchArgs),
 

@@ -143,22 +143,13 @@ fn dir_name() -> String {
     format!("runtime-{version}-{}", &runtime_digest()[..24])
 }
 
-/// The cache roots tried in order: `$XDG_CACHE_HOME/pypool`, `~/.cache/pypool`, and a per-user
-/// directory in the system's temporary directory.
+/// The cache roots tried in order: the user's cache directory (`dirs::cache_dir`:
+/// `$XDG_CACHE_HOME` or `~/.cache` on Linux, `~/Library/Caches` on macOS) plus `pypool`, then
+/// a per-user directory in the system's temporary directory.
 pub fn cache_roots() -> Vec<PathBuf> {
     let mut roots = Vec::new();
-    if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME") {
-        let xdg = PathBuf::from(xdg);
-        // The XDG spec says relative values are to be ignored.
-        if xdg.is_absolute() {
-            roots.push(xdg.join("pypool"));
-        }
-    }
-    if let Some(home) = std::env::var_os("HOME") {
-        let home = PathBuf::from(home);
-        if home.is_absolute() {
-            roots.push(home.join(".cache").join("pypool"));
-        }
+    if let Some(cache) = dirs::cache_dir().filter(|dir| dir.is_absolute()) {
+        roots.push(cache.join("pypool"));
     }
     roots.push(std::env::temp_dir().join(temp_root_name()));
     roots

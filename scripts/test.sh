@@ -22,6 +22,22 @@ echo "== Python runtime tests, bare python3 (stdlib only)"
 echo "== Python runtime tests, with msgpack and pyzmq"
 (cd python && "../$venv/bin/python" -m unittest discover -s tests)
 
+echo "== the runtime installs with pip install ./python"
+# Into a throwaway venv, from a copy (pip builds in the source tree), never into the test venv:
+# an installed runtime of the same version would stand in for the embedded one in the tests.
+pip_check=$(mktemp -d)
+trap 'rm -rf "$pip_check"' EXIT
+cp -r python "$pip_check/src"
+python3 -m venv "$pip_check/venv"
+"$pip_check/venv/bin/python" -m pip install --quiet --disable-pip-version-check "$pip_check/src"
+installed=$("$pip_check/venv/bin/python" -c 'import pypool_worker; print(pypool_worker.__version__)')
+embedded=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' python/pypool_worker/__init__.py)
+if [ "$installed" != "$embedded" ]; then
+    echo "error: pip install ./python gave pypool_worker $installed, the source says $embedded" >&2
+    exit 1
+fi
+echo "ok: pypool_worker $installed"
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -1,59 +1,11 @@
-//! pypool: pools of long-lived Python worker processes for Rust services.
+#![doc = include_str!("../README.md")]
 //!
-//! A Rust program keeps a [`Pool`] of Python processes and calls plain Python functions in them
-//! (`pool.call("predict", args)`, or `pool.session("user-7").call(...)` for calls that share
-//! state). The pool starts the interpreters concurrently, counts a worker ready only after its
-//! handshake, queues callers fairly with checkout and call time limits, replaces crashed, hung
-//! and worn-out workers, never hands a late reply to the wrong caller, and shuts down leaving no
-//! process behind.
+//! # This crate
 //!
-//! This facade re-exports [`pool_core`]'s API (everything at the crate root: [`Pool`],
-//! [`PoolConfig`], [`Session`], [`Payload`], [`Error`], [`PoolStats`], …) and, behind features,
-//! the transports:
-//!
-//! | feature | module | transport name |
-//! |---|---|---|
-//! | `stdio` (default) | `stdio` | `"stdio"`: workers are child processes, frames over their stdin/stdout |
-//! | `ipc` (default) | `ipc` | `"ipc"`: workers connect back over an authenticated Unix socket |
-//! | `zmq` | `zmq` | `"zmq"`: ZeroMQ: local workers over `ipc://` by name; remote workers that join over `tcp://` with [`zmq::ZmqLauncher::remote`] (the workers need pyzmq) |
-//! | `testkit` | `testkit` | `"fake"`: in-process fake workers for tests |
-//! | `metrics` | `metrics` | publishes pool statistics through the `metrics` crate |
-//! | — | — | the `pypool` command-line tool is the `pypool-cli` crate (`cargo install pypool-cli`) |
-//!
-//! A program that wants to choose its transport in its configuration uses [`launcher`] with a
-//! name; [`transports`] lists the names compiled in.
-//!
-//! The Python side is the `pypool_worker` runtime; handlers are plain functions decorated with
-//! `@handler`. The stdio transport embeds the runtime, so a bare `python3` is all a machine needs.
-//!
-//! # Example
-//!
-//! ```no_run
-//! use std::time::Duration;
-//! use pypool::{Affinity, Pool, PoolConfig};
-//! use serde_json::json;
-//!
-//! #[tokio::main]
-//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//!     // The transport by name, e.g. from a configuration file: "stdio" unless told otherwise.
-//!     let launcher = pypool::launcher("stdio")?;
-//!     let config = PoolConfig::new("handlers.py").name("models").size(4);
-//!     let pool = Pool::start(config, launcher).await?;
-//!
-//!     // Any free worker.
-//!     let score = pool.call("predict", json!({"features": [1.0, 2.0, 3.0]})).await?;
-//!     println!("score: {}", score.value);
-//!
-//!     // A session keeps its calls on the worker that holds its state.
-//!     let session = pool.session_with("user-7", Affinity::Strict);
-//!     session.call("remember", json!({"key": "name", "value": "Ada"})).await?;
-//!     session.end().await;
-//!
-//!     println!("p99: {} µs", pool.stats().call_time.p99_us);
-//!     pool.shutdown(Duration::from_secs(5)).await;
-//!     Ok(())
-//! }
-//! ```
+//! `pypool` re-exports `pool_core`'s API at its root ([`Pool`], [`PoolConfig`], [`Session`],
+//! [`Payload`], [`Error`], [`ErrorKind`], [`PoolStats`], …), adds [`builder`] and [`launcher`]
+//! (transports by name), and the transports behind features (see the table above).
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs)]
 
 use std::fmt;
@@ -63,23 +15,32 @@ use std::time::Duration;
 pub use pool_core::*;
 
 #[cfg(feature = "stdio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "stdio")))]
 pub use transport_stdio as stdio;
 
 /// Local process supervision shared by the spawning transports (interpreter resolution, the
 /// embedded runtime, process trees): `pool-process`.
 #[cfg(any(feature = "stdio", feature = "ipc", feature = "zmq"))]
+#[cfg_attr(
+    docsrs,
+    doc(cfg(any(feature = "stdio", feature = "ipc", feature = "zmq")))
+)]
 pub use pool_process as process;
 
 #[cfg(feature = "ipc")]
+#[cfg_attr(docsrs, doc(cfg(feature = "ipc")))]
 pub use transport_ipc as ipc;
 
 #[cfg(feature = "zmq")]
+#[cfg_attr(docsrs, doc(cfg(feature = "zmq")))]
 pub use transport_zmq as zmq;
 
 #[cfg(feature = "testkit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub use pool_testkit as testkit;
 
 #[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub mod metrics;
 
 /// One transport that can be chosen by name at run time.

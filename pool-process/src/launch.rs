@@ -63,6 +63,13 @@ pub struct ProcessLauncher {
     runtime_dir: OnceCell<PathBuf>,
     /// Interpreters that have byte-compiled the materialised runtime (see [`Self::precompile`]).
     precompiled: tokio::sync::Mutex<HashSet<PathBuf>>,
+    /// Boxed: launchers are embedded in transports' launchers, which callers keep in enums.
+    settings: Box<Settings>,
+}
+
+/// A [`ProcessLauncher`]'s settings.
+#[derive(Debug, Clone)]
+struct Settings {
     stderr_drain: Duration,
     wrapper: Vec<String>,
 }
@@ -71,8 +78,8 @@ impl std::fmt::Debug for ProcessLauncher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProcessLauncher")
             .field("runtime_dir", &self.runtime_dir.get())
-            .field("stderr_drain", &self.stderr_drain)
-            .field("wrapper", &self.wrapper)
+            .field("stderr_drain", &self.settings.stderr_drain)
+            .field("wrapper", &self.settings.wrapper)
             .finish_non_exhaustive()
     }
 }
@@ -90,8 +97,10 @@ impl ProcessLauncher {
             interpreters: Mutex::new(HashMap::new()),
             runtime_dir: OnceCell::new(),
             precompiled: tokio::sync::Mutex::new(HashSet::new()),
-            stderr_drain: DEFAULT_STDERR_DRAIN,
-            wrapper: Vec::new(),
+            settings: Box::new(Settings {
+                stderr_drain: DEFAULT_STDERR_DRAIN,
+                wrapper: Vec::new(),
+            }),
         }
     }
 
@@ -118,19 +127,19 @@ impl ProcessLauncher {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        self.wrapper = wrapper.into_iter().map(Into::into).collect();
+        self.settings.wrapper = wrapper.into_iter().map(Into::into).collect();
         self
     }
 
     /// The command the interpreter runs under ([`wrapper`](Self::wrapper)); empty for none.
     pub fn wrapper_command(&self) -> &[String] {
-        &self.wrapper
+        &self.settings.wrapper
     }
 
     /// Sets how long `wait` waits for stderr to close after the worker exited
     /// (default [`DEFAULT_STDERR_DRAIN`]).
     pub fn with_stderr_drain(mut self, drain: Duration) -> Self {
-        self.stderr_drain = drain;
+        self.settings.stderr_drain = drain;
         self
     }
 
@@ -146,7 +155,12 @@ impl ProcessLauncher {
         let cell = Arc::clone(self.interpreters.lock().entry(key).or_default());
         let interpreter = cell
             .get_or_try_init(|| {
-                interpreter::probe(&spec.python, &self.wrapper, &spec.env, spec.cwd.as_deref())
+                interpreter::probe(
+                    &spec.python,
+                    &self.settings.wrapper,
+                    &spec.env,
+                    spec.cwd.as_deref(),
+                )
             })
             .await?;
         Ok(interpreter.clone())
@@ -175,7 +189,7 @@ impl ProcessLauncher {
         if done.contains(&interpreter.executable) {
             return;
         }
-        let status = interpreter::command_for(&self.wrapper, &interpreter.executable)
+        let status = interpreter::command_for(&self.settings.wrapper, &interpreter.executable)
             .args(["-m", "compileall", "-q"])
             .arg(dir.join(runtime::PACKAGE))
             .stdin(Stdio::null())
@@ -199,7 +213,7 @@ impl ProcessLauncher {
         runtime_dir: Option<PathBuf>,
         secret: Option<&OwnedFd>,
     ) -> Result<Command, LaunchError> {
-        let mut command = interpreter::command_for(&self.wrapper, &interpreter.executable);
+        let mut command = interpreter::command_for(&self.settings.wrapper, &interpreter.executable);
         command
             .arg("-m")
             .arg(runtime::PACKAGE)
@@ -335,7 +349,7 @@ impl ProcessLauncher {
             stderr,
             spec.stderr_tail_lines,
             labels,
-            self.stderr_drain,
+            self.settings.stderr_drain,
         )?;
         tracing::debug!(
             target: "pypool::process",

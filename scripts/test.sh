@@ -61,7 +61,22 @@ if grep -E '(__pycache__|\.pyc$|(^|/)target/|\.egg-info)' <<<"$list"; then
     echo "error: build output in a package (above)" >&2
     exit 1
 fi
-cargo package --workspace --allow-dirty --quiet
+# The packages of this workspace all keep their version while the sources change, but cargo
+# treats a registry package of a given version as immutable: it reuses what an earlier run
+# unpacked (under $CARGO_HOME/registry/src/-<hash>/) and compiled. Remove both for our crates
+# first; the verification builds go to their own target directory, so that only our crates are
+# rebuilt there, not the tests' builds.
+cargo_home=${CARGO_HOME:-$HOME/.cargo}
+members=$(cargo metadata --no-deps --format-version 1 |
+    python3 -c 'import json, sys; print(" ".join(p["name"] for p in json.load(sys.stdin)["packages"]))')
+for dir in "$cargo_home"/registry/src/*/; do
+    case "$(basename "$dir")" in index.crates.io-*) continue ;; esac
+    for member in $members; do rm -rf "${dir:?}$member"-*; done
+done
+package_target=target/package-check
+# shellcheck disable=SC2046
+cargo clean --quiet --target-dir "$package_target" $(printf -- '-p %s ' $members)
+cargo package --workspace --allow-dirty --quiet --target-dir "$package_target"
 
 echo "== cargo test"
 cargo test --workspace --all-features

@@ -234,20 +234,27 @@ pub fn table(headers: &[&str], rows: &[Vec<String>], indent: usize) -> String {
                 .is_none_or(|c| c.is_ascii_digit() || c == '-' || c == '—');
         }
     }
-    let headers: Vec<String> = headers
-        .iter()
-        .zip(&cells)
-        .map(|(header, &cell)| {
-            let target = header.split(' ').map(width).max().unwrap_or(0).max(cell);
-            wrap(header, target)
-        })
-        .collect();
-    let natural: usize = headers
-        .iter()
-        .zip(&cells)
-        .map(|(header, &cell)| header.lines().map(width).max().unwrap_or(0).max(cell))
-        .sum();
     let gaps = columns.saturating_sub(1);
+    let natural = |headers: &[String]| -> usize {
+        headers
+            .iter()
+            .zip(&cells)
+            .map(|(header, &cell)| header.lines().map(width).max().unwrap_or(0).max(cell))
+            .sum()
+    };
+    let mut headers: Vec<String> = headers.iter().map(|h| (*h).to_owned()).collect();
+    if indent + natural(&headers) + 2 * gaps > MAX_WIDTH {
+        // Too wide: headers wider than their column's cells wrap at spaces.
+        headers = headers
+            .iter()
+            .zip(&cells)
+            .map(|(header, &cell)| {
+                let target = header.split(' ').map(width).max().unwrap_or(0).max(cell);
+                wrap(header, target)
+            })
+            .collect();
+    }
+    let natural = natural(&headers);
     let gap = if indent + natural + 2 * gaps <= MAX_WIDTH {
         2
     } else {

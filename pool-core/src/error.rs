@@ -415,7 +415,11 @@ pub(crate) fn missing_commands(required: &[String], known: &[String]) -> Option<
         "the app does not serve the required command{} {}; it serves: {}",
         if missing.len() == 1 { "" } else { "s" },
         missing.join(", "),
-        known.join(", ")
+        if known.is_empty() {
+            "nothing".to_owned()
+        } else {
+            known.join(", ")
+        }
     ))
 }
 

@@ -255,9 +255,11 @@ impl Pool {
                 let state = shared.state.lock();
                 let ready = state.live_workers();
                 // The commands are the union of every HELLO so far: known once a worker is ready.
-                let missing = match state.commands() {
-                    [] => None,
-                    known => crate::error::missing_commands(required, known),
+                let known = state.commands();
+                let missing = if ready > 0 || !known.is_empty() {
+                    crate::error::missing_commands(required, known)
+                } else {
+                    None
                 };
                 if ready >= wanted && missing.is_none() {
                     return Ok(());

@@ -356,6 +356,73 @@ impl From<serde_json::Error> for Error {
     }
 }
 
+/// The known command closest to `command` (by edit distance), when it is close enough to be a
+/// likely typo.
+pub(crate) fn closest(command: &str, known: &[String]) -> Option<String> {
+    known
+        .iter()
+        .map(|candidate| (edit_distance(command, candidate), candidate))
+        .filter(|(distance, candidate)| {
+            *distance <= (candidate.len().max(command.len()) / 3).max(1)
+        })
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, candidate)| candidate.clone())
+}
+
+/// Edits (insert, delete, substitute, swap two neighbours) that turn `a` into `b`: the optimal
+/// string alignment distance, so a swapped pair of letters is one typo.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    let width = b.len() + 1;
+    let mut d = vec![0usize; (a.len() + 1) * width];
+    for i in 0..=a.len() {
+        d[i * width] = i;
+    }
+    for (j, cell) in d.iter_mut().enumerate().take(width) {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (d[(i - 1) * width + j] + 1)
+                .min(d[i * width + j - 1] + 1)
+                .min(d[(i - 1) * width + j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[(i - 2) * width + j - 2] + 1);
+            }
+            d[i * width + j] = best;
+        }
+    }
+    d[a.len() * width + b.len()]
+}
+
+/// What [`PoolConfig::require_commands`](crate::PoolConfig::require_commands) asks for that the
+/// workers do not serve (`known`, sorted), as a sentence; `None` when nothing is missing.
+pub(crate) fn missing_commands(required: &[String], known: &[String]) -> Option<String> {
+    let missing: Vec<String> = required
+        .iter()
+        .filter(|command| known.binary_search(command).is_err())
+        .map(|command| match closest(command, known) {
+            Some(suggestion) => format!("'{command}' (did you mean '{suggestion}'?)"),
+            None => format!("'{command}'"),
+        })
+        .collect();
+    if missing.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "the app does not serve the required command{} {}; it serves: {}",
+        if missing.len() == 1 { "" } else { "s" },
+        missing.join(", "),
+        if known.is_empty() {
+            "nothing".to_owned()
+        } else {
+            known.join(", ")
+        }
+    ))
+}
+
 /// A duration as people read it: `1.5s`, `250ms`, `3m 20s`.
 pub(crate) fn humanize(duration: Duration) -> String {
     let millis = duration.as_millis();
@@ -403,6 +470,20 @@ mod tests {
         assert_eq!(humanize(Duration::from_millis(1520)), "1.5s");
         assert_eq!(humanize(Duration::from_secs(200)), "3m 20s");
         assert_eq!(humanize(Duration::from_secs(7320)), "2h 2m");
+    }
+
+    #[test]
+    fn missing_commands_are_named_with_a_suggestion() {
+        let known: Vec<String> = ["predict", "recall", "remember"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        let required = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        assert_eq!(missing_commands(&required(&["predict"]), &known), None);
+        assert_eq!(
+            missing_commands(&required(&["predcit", "recall", "train"]), &known).as_deref(),
+            Some("the app does not serve the required commands 'predcit' (did you mean 'predict'?), 'train'; it serves: predict, recall, remember")
+        );
     }
 
     #[test]

@@ -1,10 +1,14 @@
 //! Finding the real Python interpreter behind a name such as `python3`.
 //!
-//! `python3` is often a shim (pyenv's is a bash script that runs `pyenv exec`, which costs tens to
-//! hundreds of milliseconds and a few processes). The launcher asks the interpreter once for
-//! `sys.executable` and execs that binary for every worker.
+//! First the name is chosen ([`choose`]): the default `python3` means `$PYPOOL_PYTHON` if set,
+//! else the active virtualenv's interpreter (`$VIRTUAL_ENV/bin/python`), else `python3` in
+//! `PATH`; any other name or path is used as given. Then `python3` is often a shim (pyenv's is a
+//! bash script that runs `pyenv exec`, which costs tens to hundreds of milliseconds and a few
+//! processes): the launcher asks the interpreter once for `sys.executable` and execs that binary
+//! for every worker.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -12,11 +16,97 @@ use std::time::Duration;
 
 use pool_core::LaunchError;
 
+/// The interpreter name a spec means by default; see [`choose`].
+pub const DEFAULT_PYTHON: &str = "python3";
+
+/// The environment variable that names the interpreter for specs that keep the default.
+pub const ENV_PYTHON: &str = "PYPOOL_PYTHON";
+
+/// Why an interpreter was chosen, for error messages and `pypool doctor`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PythonSource {
+    /// The spec (the pool's `python` setting) named it.
+    Configured,
+    /// `$PYPOOL_PYTHON`.
+    PypoolPython,
+    /// The active virtualenv: `$VIRTUAL_ENV/bin/python`.
+    VirtualEnv(PathBuf),
+    /// The default, `python3` looked up in `PATH`.
+    Path,
+}
+
+impl std::fmt::Display for PythonSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PythonSource::Configured => f.write_str("as configured"),
+            PythonSource::PypoolPython => write!(f, "from ${ENV_PYTHON}"),
+            PythonSource::VirtualEnv(venv) => {
+                write!(
+                    f,
+                    "from the active virtualenv $VIRTUAL_ENV={}",
+                    venv.display()
+                )
+            }
+            PythonSource::Path => write!(f, "`{DEFAULT_PYTHON}` in PATH"),
+        }
+    }
+}
+
+/// The interpreter to run for a spec whose interpreter is `python`, with extra environment `env`
+/// (the worker's, which wins over this process's).
+///
+/// Anything but the default `python3` is used as given. The default means, in order:
+/// `$PYPOOL_PYTHON` when set; the active virtualenv's `bin/python` when `$VIRTUAL_ENV` is set (a
+/// tool that sets it without putting the venv first in `PATH`, or a service unit with
+/// `Environment=VIRTUAL_ENV=...`); `python3` in `PATH`.
+///
+/// ```
+/// use std::collections::BTreeMap;
+/// use std::path::Path;
+/// use pool_process::{choose_python, PythonSource};
+///
+/// let env = BTreeMap::from([("PYPOOL_PYTHON".to_owned(), "/opt/py/bin/python3".to_owned())]);
+/// let (python, source) = choose_python(Path::new("python3"), &env);
+/// assert_eq!((python.as_path(), source), (Path::new("/opt/py/bin/python3"), PythonSource::PypoolPython));
+///
+/// // A configured interpreter is never second-guessed.
+/// let (python, source) = choose_python(Path::new("/usr/bin/python3.12"), &env);
+/// assert_eq!((python.as_path(), source), (Path::new("/usr/bin/python3.12"), PythonSource::Configured));
+/// ```
+pub fn choose(python: &Path, env: &BTreeMap<String, String>) -> (PathBuf, PythonSource) {
+    if python != Path::new(DEFAULT_PYTHON) {
+        return (python.to_path_buf(), PythonSource::Configured);
+    }
+    let var = |name: &str| -> Option<OsString> {
+        match env.get(name) {
+            Some(value) => Some(OsString::from(value)),
+            None => std::env::var_os(name),
+        }
+        .filter(|value| !value.is_empty())
+    };
+    if let Some(chosen) = var(ENV_PYTHON) {
+        return (PathBuf::from(chosen), PythonSource::PypoolPython);
+    }
+    if let Some(venv) = var("VIRTUAL_ENV") {
+        let venv = PathBuf::from(venv);
+        let python = venv.join("bin").join("python");
+        if python.exists() {
+            return (python, PythonSource::VirtualEnv(venv));
+        }
+    }
+    (python.to_path_buf(), PythonSource::Path)
+}
+
 /// What the launcher learned about an interpreter by running it once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Interpreter {
-    /// The interpreter as the spec named it (`python3`, a path, a shim).
+    /// The interpreter as the spec named it, after [`choose`] (`python3`, a path, a shim).
     pub requested: PathBuf,
+    /// Why this interpreter: configured, `$PYPOOL_PYTHON`, the active virtualenv, or `PATH`.
+    pub source: PythonSource,
+    /// The command it runs under ([`ProcessLauncher::wrapper`](crate::ProcessLauncher::wrapper)),
+    /// empty for none.
+    pub wrapper: Vec<String>,
     /// The binary to exec: the interpreter's `sys.executable` (symlinks kept, so a virtualenv's
     /// `bin/python` stays a virtualenv).
     pub executable: PathBuf,
@@ -59,15 +149,37 @@ sys.stdout.write("PYPOOL_PROBE " + json.dumps(info) + "\n")
 sys.stdout.flush()
 "#;
 
-/// Runs `python -c <probe>` with the worker's environment and working directory (they decide
-/// whether `pypool_worker` is importable) and parses the answer.
+/// `wrapper... python`, as a command to add arguments to.
+pub(crate) fn command_for(wrapper: &[String], python: &Path) -> tokio::process::Command {
+    match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut command = tokio::process::Command::new(program);
+            command.args(args).arg(python);
+            command
+        }
+        None => tokio::process::Command::new(python),
+    }
+}
+
+/// Chooses the interpreter ([`choose`]), runs `[wrapper...] python -c <probe>` with the worker's
+/// environment and working directory (they decide whether `pypool_worker` is importable) and
+/// parses the answer.
 pub(crate) async fn probe(
     python: &Path,
+    wrapper: &[String],
     env: &BTreeMap<String, String>,
     cwd: Option<&Path>,
 ) -> Result<Interpreter, LaunchError> {
-    let shown = python.display();
-    let mut command = tokio::process::Command::new(python);
+    let (python, source) = choose(python, env);
+    let python = python.as_path();
+    let mut shown = format!("`{}`", python.display());
+    if !matches!(source, PythonSource::Configured | PythonSource::Path) {
+        shown = format!("{shown} ({source})");
+    }
+    if !wrapper.is_empty() {
+        shown = format!("{shown} under `{}`", wrapper.join(" "));
+    }
+    let mut command = command_for(wrapper, python);
     command
         .arg("-c")
         .arg(PROBE_SCRIPT)
@@ -81,7 +193,7 @@ pub(crate) async fn probe(
     }
     let child = command.spawn().map_err(|err| match err.kind() {
         io::ErrorKind::NotFound => LaunchError::new(format!(
-            "Python interpreter `{shown}` not found{}: {err}",
+            "Python interpreter {shown} not found{}: {err}",
             if python.components().count() == 1 {
                 " in PATH"
             } else {
@@ -89,20 +201,20 @@ pub(crate) async fn probe(
             }
         )),
         io::ErrorKind::PermissionDenied => LaunchError::new(format!(
-            "Python interpreter `{shown}` cannot be executed: {err}"
+            "Python interpreter {shown} cannot be executed: {err}"
         )),
-        _ => LaunchError::new(format!("cannot run Python interpreter `{shown}`: {err}")),
+        _ => LaunchError::new(format!("cannot run Python interpreter {shown}: {err}")),
     })?;
     let output = match tokio::time::timeout(PROBE_TIMEOUT, child.wait_with_output()).await {
         Ok(Ok(output)) => output,
         Ok(Err(err)) => {
             return Err(LaunchError::new(format!(
-                "cannot run Python interpreter `{shown}`: {err}"
+                "cannot run Python interpreter {shown}: {err}"
             )))
         }
         Err(_) => {
             return Err(LaunchError::new(format!(
-                "Python interpreter `{shown}` did not answer a version probe within {}s",
+                "Python interpreter {shown} did not answer a version probe within {}s",
                 PROBE_TIMEOUT.as_secs()
             )))
         }
@@ -119,7 +231,7 @@ pub(crate) async fn probe(
         .collect();
     let not_python = |why: String| {
         LaunchError::new(format!(
-            "`{shown}` is not a working Python 3 interpreter: {why}"
+            "{shown} is not a working Python 3 interpreter: {why}"
         ))
         .with_stderr(stderr.clone())
     };
@@ -145,6 +257,8 @@ pub(crate) async fn probe(
     let installed_runtime = info["runtime"].as_str().map(str::to_owned);
     Ok(Interpreter {
         requested: python.to_path_buf(),
+        source,
+        wrapper: wrapper.to_vec(),
         executable,
         version,
         installed_runtime,

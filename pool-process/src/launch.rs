@@ -63,14 +63,23 @@ pub struct ProcessLauncher {
     runtime_dir: OnceCell<PathBuf>,
     /// Interpreters that have byte-compiled the materialised runtime (see [`Self::precompile`]).
     precompiled: tokio::sync::Mutex<HashSet<PathBuf>>,
+    /// Boxed: launchers are embedded in transports' launchers, which callers keep in enums.
+    settings: Box<Settings>,
+}
+
+/// A [`ProcessLauncher`]'s settings.
+#[derive(Debug, Clone)]
+struct Settings {
     stderr_drain: Duration,
+    wrapper: Vec<String>,
 }
 
 impl std::fmt::Debug for ProcessLauncher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProcessLauncher")
             .field("runtime_dir", &self.runtime_dir.get())
-            .field("stderr_drain", &self.stderr_drain)
+            .field("stderr_drain", &self.settings.stderr_drain)
+            .field("wrapper", &self.settings.wrapper)
             .finish_non_exhaustive()
     }
 }
@@ -88,18 +97,55 @@ impl ProcessLauncher {
             interpreters: Mutex::new(HashMap::new()),
             runtime_dir: OnceCell::new(),
             precompiled: tokio::sync::Mutex::new(HashSet::new()),
-            stderr_drain: DEFAULT_STDERR_DRAIN,
+            settings: Box::new(Settings {
+                stderr_drain: DEFAULT_STDERR_DRAIN,
+                wrapper: Vec::new(),
+            }),
         }
+    }
+
+    /// Runs the interpreter under a command: every worker (and the one-off interpreter probe) is
+    /// started as `<wrapper...> <python> -m pypool_worker ...`. For `uv run` (the project's
+    /// environment: `["uv", "run", "--"]`), `nice`/`taskset`/`chrt`, `env VAR=...`, or a
+    /// container's entry point.
+    ///
+    /// The wrapper must pass the environment and standard streams through and stay in the
+    /// worker's process group (the pool owns and ends that group). With a wrapper that gives the
+    /// interpreter another file system (a container), install the runtime there
+    /// (`pip install ./python`): the embedded copy is written on this machine. The ipc transport
+    /// pairs a connection with its launch by process id, so under it the wrapper must `exec` the
+    /// interpreter (`env`, `nice`, `taskset` do; `uv run` does not: use it with stdio).
+    ///
+    /// ```
+    /// use pool_process::ProcessLauncher;
+    ///
+    /// let processes = ProcessLauncher::new().wrapper(["uv", "run", "--"]);
+    /// assert_eq!(processes.wrapper_command(), ["uv", "run", "--"]);
+    /// ```
+    pub fn wrapper<I, S>(mut self, wrapper: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.settings.wrapper = wrapper.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The command the interpreter runs under ([`wrapper`](Self::wrapper)); empty for none.
+    pub fn wrapper_command(&self) -> &[String] {
+        &self.settings.wrapper
     }
 
     /// Sets how long `wait` waits for stderr to close after the worker exited
     /// (default [`DEFAULT_STDERR_DRAIN`]).
     pub fn with_stderr_drain(mut self, drain: Duration) -> Self {
-        self.stderr_drain = drain;
+        self.settings.stderr_drain = drain;
         self
     }
 
-    /// The interpreter `spec` runs, resolved through `sys.executable`.
+    /// The interpreter `spec` runs: chosen by [`choose_python`](crate::choose_python) (the
+    /// default `python3` honours `$PYPOOL_PYTHON` and an active `$VIRTUAL_ENV`), resolved
+    /// through `sys.executable`.
     ///
     /// The first call for a given interpreter (with a given environment and working directory)
     /// runs it once; later calls, including concurrent ones, share that answer. A failure is not
@@ -108,7 +154,14 @@ impl ProcessLauncher {
         let key: ProbeKey = (spec.python.clone(), spec.cwd.clone(), spec.env.clone());
         let cell = Arc::clone(self.interpreters.lock().entry(key).or_default());
         let interpreter = cell
-            .get_or_try_init(|| interpreter::probe(&spec.python, &spec.env, spec.cwd.as_deref()))
+            .get_or_try_init(|| {
+                interpreter::probe(
+                    &spec.python,
+                    &self.settings.wrapper,
+                    &spec.env,
+                    spec.cwd.as_deref(),
+                )
+            })
             .await?;
         Ok(interpreter.clone())
     }
@@ -136,7 +189,7 @@ impl ProcessLauncher {
         if done.contains(&interpreter.executable) {
             return;
         }
-        let status = Command::new(&interpreter.executable)
+        let status = interpreter::command_for(&self.settings.wrapper, &interpreter.executable)
             .args(["-m", "compileall", "-q"])
             .arg(dir.join(runtime::PACKAGE))
             .stdin(Stdio::null())
@@ -160,7 +213,7 @@ impl ProcessLauncher {
         runtime_dir: Option<PathBuf>,
         secret: Option<&OwnedFd>,
     ) -> Result<Command, LaunchError> {
-        let mut command = Command::new(&interpreter.executable);
+        let mut command = interpreter::command_for(&self.settings.wrapper, &interpreter.executable);
         command
             .arg("-m")
             .arg(runtime::PACKAGE)
@@ -296,7 +349,7 @@ impl ProcessLauncher {
             stderr,
             spec.stderr_tail_lines,
             labels,
-            self.stderr_drain,
+            self.settings.stderr_drain,
         )?;
         tracing::debug!(
             target: "pypool::process",

@@ -7,9 +7,13 @@
 //! mode) starts them through this crate, so they all get the same guarantees and none of them
 //! depends on another:
 //!
-//! * **The interpreter** ([`Interpreter`]): `python3` is resolved once per launcher to the
-//!   binary in `sys.executable`, so version-manager shims are not paid for by every worker; a
-//!   missing or non-Python-3 interpreter is a clear [`pool_core::LaunchError`].
+//! * **The interpreter** ([`Interpreter`]): the default `python3` means `$PYPOOL_PYTHON`, else
+//!   the active virtualenv (`$VIRTUAL_ENV/bin/python`), else `python3` in `PATH`
+//!   ([`choose_python`]); it is resolved once per launcher to the binary in `sys.executable`, so
+//!   version-manager shims are not paid for by every worker, and it may run under a wrapper
+//!   command ([`ProcessLauncher::wrapper`]: `uv run`, a container's entry point); a missing or
+//!   non-Python-3 interpreter is a clear [`pool_core::LaunchError`] that names it and why it was
+//!   chosen.
 //! * **The runtime** ([`runtime`]): the `pypool_worker` package is embedded; if the interpreter
 //!   cannot import the same version, it is written to a private cache directory and put on
 //!   `PYTHONPATH`. A bare `python3` with nothing installed works.
@@ -36,7 +40,9 @@ pub mod runtime;
 mod spawner;
 
 #[cfg(unix)]
-pub use interpreter::Interpreter;
+pub use interpreter::{
+    choose as choose_python, Interpreter, PythonSource, DEFAULT_PYTHON, ENV_PYTHON,
+};
 #[cfg(unix)]
 pub use launch::{
     ProcessLauncher, SpawnOptions, SpawnedWorker, DEFAULT_STDERR_DRAIN, ENV_SECRET_FD,

@@ -25,29 +25,17 @@ pub const PACKAGE: &str = "pypool_worker";
 
 /// The source files of the embedded runtime: `(file name inside the package, contents)`.
 pub const FILES: &[(&str, &str)] = &[
-    (
-        "__init__.py",
-        include_str!("../../python/pypool_worker/__init__.py"),
-    ),
-    (
-        "__main__.py",
-        include_str!("../../python/pypool_worker/__main__.py"),
-    ),
-    (
-        "protocol.py",
-        include_str!("../../python/pypool_worker/protocol.py"),
-    ),
-    (
-        "runtime.py",
-        include_str!("../../python/pypool_worker/runtime.py"),
-    ),
+    ("__init__.py", include_str!("../pypool_worker/__init__.py")),
+    ("__main__.py", include_str!("../pypool_worker/__main__.py")),
+    ("protocol.py", include_str!("../pypool_worker/protocol.py")),
+    ("runtime.py", include_str!("../pypool_worker/runtime.py")),
     (
         "zmq_transport.py",
-        include_str!("../../python/pypool_worker/zmq_transport.py"),
+        include_str!("../pypool_worker/zmq_transport.py"),
     ),
     (
         "zmq_workers.py",
-        include_str!("../../python/pypool_worker/zmq_workers.py"),
+        include_str!("../pypool_worker/zmq_workers.py"),
     ),
 ];
 
@@ -155,22 +143,13 @@ fn dir_name() -> String {
     format!("runtime-{version}-{}", &runtime_digest()[..24])
 }
 
-/// The cache roots tried in order: `$XDG_CACHE_HOME/pypool`, `~/.cache/pypool`, and a per-user
-/// directory in the system's temporary directory.
+/// The cache roots tried in order: the user's cache directory (`dirs::cache_dir`:
+/// `$XDG_CACHE_HOME` or `~/.cache` on Linux, `~/Library/Caches` on macOS) plus `pypool`, then
+/// a per-user directory in the system's temporary directory.
 pub fn cache_roots() -> Vec<PathBuf> {
     let mut roots = Vec::new();
-    if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME") {
-        let xdg = PathBuf::from(xdg);
-        // The XDG spec says relative values are to be ignored.
-        if xdg.is_absolute() {
-            roots.push(xdg.join("pypool"));
-        }
-    }
-    if let Some(home) = std::env::var_os("HOME") {
-        let home = PathBuf::from(home);
-        if home.is_absolute() {
-            roots.push(home.join(".cache").join("pypool"));
-        }
+    if let Some(cache) = dirs::cache_dir().filter(|dir| dir.is_absolute()) {
+        roots.push(cache.join("pypool"));
     }
     roots.push(std::env::temp_dir().join(temp_root_name()));
     roots

@@ -17,7 +17,7 @@ fn version_comes_from_the_embedded_package() {
     let mut names: Vec<String> = FILES.iter().map(|(name, _)| (*name).to_owned()).collect();
     names.sort();
     // Every module of the package is embedded, so a bare python3 gets all of it.
-    let package = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../python/pypool_worker");
+    let package = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pypool_worker");
     let mut on_disk: Vec<String> = std::fs::read_dir(&package)
         .expect("the package directory")
         .filter_map(|entry| entry.ok()?.file_name().into_string().ok())

@@ -2,21 +2,22 @@
 
 use std::time::Duration;
 
-use pypool::{Affinity, Pool, PoolConfig};
+use pypool::Affinity;
 use serde_json::json;
 
 #[tokio::main]
 async fn main() -> pypool::Result<()> {
     let handlers = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../examples/quickstart_handlers.py"
+        "/examples/quickstart_handlers.py"
     );
-    let config = PoolConfig::new(handlers)
+    let pool = pypool::builder(handlers) // the stdio transport unless told otherwise
         .size(8) // 8 interpreters, started concurrently
         .checkout_timeout(Duration::from_secs(5))
-        .call_timeout(Duration::from_secs(30));
-    let launcher = pypool::launcher("stdio").expect("compiled in");
-    let pool = Pool::start(config, launcher).await?;
+        .call_timeout(Duration::from_secs(30))
+        .require_commands(["predict", "remember", "recall"]) // checked at start
+        .start()
+        .await?;
 
     let score = pool
         .call("predict", json!({"features": [1.0, 2.0, 3.0]}))

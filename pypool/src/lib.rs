@@ -1,84 +1,46 @@
-//! pypool: pools of long-lived Python worker processes for Rust services.
+#![doc = include_str!("../README.md")]
 //!
-//! A Rust program keeps a [`Pool`] of Python processes and calls plain Python functions in them
-//! (`pool.call("predict", args)`, or `pool.session("user-7").call(...)` for calls that share
-//! state). The pool starts the interpreters concurrently, counts a worker ready only after its
-//! handshake, queues callers fairly with checkout and call time limits, replaces crashed, hung
-//! and worn-out workers, never hands a late reply to the wrong caller, and shuts down leaving no
-//! process behind.
+//! # This crate
 //!
-//! This facade re-exports [`pool_core`]'s API (everything at the crate root: [`Pool`],
-//! [`PoolConfig`], [`Session`], [`Payload`], [`Error`], [`PoolStats`], …) and, behind features,
-//! the transports:
-//!
-//! | feature | module | transport name |
-//! |---|---|---|
-//! | `stdio` (default) | `stdio` | `"stdio"`: workers are child processes, frames over their stdin/stdout |
-//! | `ipc` (default) | `ipc` | `"ipc"`: workers connect back over an authenticated Unix socket |
-//! | `zmq` | `zmq` | `"zmq"`: ZeroMQ: local workers over `ipc://` by name; remote workers that join over `tcp://` with [`zmq::ZmqLauncher::remote`] (the workers need pyzmq) |
-//! | `testkit` | `testkit` | `"fake"`: in-process fake workers for tests |
-//! | `metrics` | `metrics` | publishes pool statistics through the `metrics` crate |
-//! | `cli` (default) | — | the `pypool` command-line tool (`pypool demo`, `bench`, `call`, `doctor`) |
-//!
-//! A program that wants to choose its transport in its configuration uses [`launcher`] with a
-//! name; [`transports`] lists the names compiled in.
-//!
-//! The Python side is the `pypool_worker` runtime; handlers are plain functions decorated with
-//! `@handler`. The stdio transport embeds the runtime, so a bare `python3` is all a machine needs.
-//!
-//! # Example
-//!
-//! ```no_run
-//! use std::time::Duration;
-//! use pypool::{Affinity, Pool, PoolConfig};
-//! use serde_json::json;
-//!
-//! #[tokio::main]
-//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//!     // The transport by name, e.g. from a configuration file: "stdio" unless told otherwise.
-//!     let launcher = pypool::launcher("stdio")?;
-//!     let config = PoolConfig::new("handlers.py").name("models").size(4);
-//!     let pool = Pool::start(config, launcher).await?;
-//!
-//!     // Any free worker.
-//!     let score = pool.call("predict", json!({"features": [1.0, 2.0, 3.0]})).await?;
-//!     println!("score: {}", score.value);
-//!
-//!     // A session keeps its calls on the worker that holds its state.
-//!     let session = pool.session_with("user-7", Affinity::Strict);
-//!     session.call("remember", json!({"key": "name", "value": "Ada"})).await?;
-//!     session.end().await;
-//!
-//!     println!("p99: {} µs", pool.stats().call_time.p99_us);
-//!     pool.shutdown(Duration::from_secs(5)).await;
-//!     Ok(())
-//! }
-//! ```
+//! `pypool` re-exports `pool_core`'s API at its root ([`Pool`], [`PoolConfig`], [`Session`],
+//! [`Payload`], [`Error`], [`ErrorKind`], [`PoolStats`], …), adds [`builder`] and [`launcher`]
+//! (transports by name), and the transports behind features (see the table above).
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs)]
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use pool_core::*;
 
 #[cfg(feature = "stdio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "stdio")))]
 pub use transport_stdio as stdio;
 
 /// Local process supervision shared by the spawning transports (interpreter resolution, the
 /// embedded runtime, process trees): `pool-process`.
 #[cfg(any(feature = "stdio", feature = "ipc", feature = "zmq"))]
+#[cfg_attr(
+    docsrs,
+    doc(cfg(any(feature = "stdio", feature = "ipc", feature = "zmq")))
+)]
 pub use pool_process as process;
 
 #[cfg(feature = "ipc")]
+#[cfg_attr(docsrs, doc(cfg(feature = "ipc")))]
 pub use transport_ipc as ipc;
 
 #[cfg(feature = "zmq")]
+#[cfg_attr(docsrs, doc(cfg(feature = "zmq")))]
 pub use transport_zmq as zmq;
 
 #[cfg(feature = "testkit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub use pool_testkit as testkit;
 
 #[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub mod metrics;
 
 /// One transport that can be chosen by name at run time.
@@ -215,6 +177,260 @@ impl fmt::Display for UnknownTransport {
 }
 
 impl std::error::Error for UnknownTransport {}
+
+/// A transport that is not compiled in is a configuration mistake: [`Error::InvalidConfig`], so
+/// that `pypool::launcher(name)?` works in a function returning [`pypool::Result`](Result).
+impl From<UnknownTransport> for Error {
+    fn from(err: UnknownTransport) -> Self {
+        Error::InvalidConfig(err.to_string())
+    }
+}
+
+/// A [`Pool`] to start: the [`PoolConfig`] setters, plus the transport, in one chain. Start with
+/// [`builder`] (or [`PoolBuilder::from_config`] for a configuration read from a file).
+///
+/// The transport is `"stdio"` unless told otherwise ([`transport`](Self::transport) by name, or
+/// [`launcher`](Self::launcher) for a launcher of your own).
+///
+/// ```no_run
+/// # async fn run() -> pypool::Result<()> {
+/// use std::time::Duration;
+///
+/// let pool = pypool::builder("handlers.py")
+///     .size(8)
+///     .checkout_timeout(Duration::from_secs(5))
+///     .require_commands(["predict"])
+///     .start()
+///     .await?;
+/// # drop(pool); Ok(()) }
+/// ```
+#[must_use = "a builder does nothing until `start` is awaited"]
+pub struct PoolBuilder {
+    config: PoolConfig,
+    transport: String,
+    launcher: Option<Arc<dyn Launcher>>,
+    #[cfg(any(feature = "stdio", feature = "ipc", feature = "zmq"))]
+    wrapper: Vec<String>,
+}
+
+impl fmt::Debug for PoolBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolBuilder")
+            .field("config", &self.config)
+            .field("transport", &self.transport)
+            .field(
+                "launcher",
+                &self.launcher.as_ref().map(|l| l.name().to_owned()),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// A [`PoolBuilder`] for `app` (a dotted module name or a path to a `.py` file), with every
+/// default and the `"stdio"` transport: `pypool::builder("handlers.py").size(8).start().await`.
+pub fn builder(app: impl Into<String>) -> PoolBuilder {
+    PoolBuilder::from_config(PoolConfig::new(app))
+}
+
+macro_rules! forward {
+    ($($name:ident: $ty:ty),* $(,)?) => {
+        impl PoolBuilder {
+            $(
+                #[doc = concat!("Sets [`PoolConfig::", stringify!($name), "`].")]
+                pub fn $name(mut self, value: $ty) -> Self {
+                    self.config = self.config.$name(value);
+                    self
+                }
+            )*
+        }
+    };
+}
+
+forward! {
+    size: usize,
+    min_ready: usize,
+    max_overflow: usize,
+    overflow_idle: Duration,
+    max_waiters: usize,
+    checkout_timeout: Duration,
+    call_timeout: Duration,
+    cancel_grace: Duration,
+    start_timeout: Duration,
+    handshake_timeout: Duration,
+    launch_timeout: Duration,
+    ping_interval: Duration,
+    ping_timeout: Duration,
+    max_missed: u32,
+    max_calls: u64,
+    max_calls_jitter: u64,
+    max_age: Duration,
+    max_age_jitter: Duration,
+    max_rss: u64,
+    restart_backoff: Duration,
+    restart_backoff_max: Duration,
+    breaker_threshold: u32,
+    breaker_cooldown: Duration,
+    stable_uptime: Duration,
+    session_ttl: Duration,
+    max_sessions: usize,
+    default_affinity: Affinity,
+    max_frame: usize,
+    max_reply_bytes: usize,
+    stream_window: u32,
+    max_in_flight: usize,
+    stop_grace: Duration,
+    maintenance_interval: Duration,
+    stderr_tail_lines: usize,
+}
+
+impl PoolBuilder {
+    /// A builder that starts from `config` (read from a file, say) with the `"stdio"` transport.
+    ///
+    /// ```no_run
+    /// # async fn run(text: &str) -> Result<(), Box<dyn std::error::Error>> {
+    /// let config: pypool::PoolConfig = toml::from_str(text)?;
+    /// let pool = pypool::PoolBuilder::from_config(config).transport("ipc").start().await?;
+    /// # drop(pool); Ok(()) }
+    /// ```
+    pub fn from_config(config: PoolConfig) -> Self {
+        PoolBuilder {
+            config,
+            transport: "stdio".to_owned(),
+            launcher: None,
+            #[cfg(any(feature = "stdio", feature = "ipc", feature = "zmq"))]
+            wrapper: Vec::new(),
+        }
+    }
+
+    /// Sets [`PoolConfig::name`].
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.config = self.config.name(name);
+        self
+    }
+
+    /// Sets [`PoolConfig::python`]: the interpreter (by default `$PYPOOL_PYTHON`, the active
+    /// virtualenv, or `python3` in `PATH`).
+    pub fn python(mut self, python: impl Into<std::path::PathBuf>) -> Self {
+        self.config = self.config.python(python);
+        self
+    }
+
+    /// Adds one environment variable for the workers ([`PoolConfig::env`]).
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config = self.config.env(key, value);
+        self
+    }
+
+    /// Sets [`PoolConfig::cwd`].
+    pub fn cwd(mut self, cwd: impl Into<std::path::PathBuf>) -> Self {
+        self.config = self.config.cwd(cwd);
+        self
+    }
+
+    /// Sets [`PoolConfig::require_commands`]: [`start`](Self::start) fails unless the app serves
+    /// every one of them.
+    pub fn require_commands<I, S>(mut self, commands: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.config = self.config.require_commands(commands);
+        self
+    }
+
+    /// Changes anything else of the configuration.
+    ///
+    /// ```
+    /// let builder = pypool::builder("handlers.py").configure(|config| config.size(2));
+    /// assert_eq!(builder.config().size, 2);
+    /// ```
+    pub fn configure(mut self, change: impl FnOnce(PoolConfig) -> PoolConfig) -> Self {
+        self.config = change(self.config);
+        self
+    }
+
+    /// The configuration so far.
+    pub fn config(&self) -> &PoolConfig {
+        &self.config
+    }
+
+    /// The transport by name (see [`transports`]); `"stdio"` unless told otherwise. A name that
+    /// is not compiled in makes [`start`](Self::start) fail with [`Error::InvalidConfig`].
+    pub fn transport(mut self, name: impl Into<String>) -> Self {
+        self.transport = name.into();
+        self.launcher = None;
+        self
+    }
+
+    /// A launcher of your own (a transport's with its own settings, a remote zmq launcher, a
+    /// fake one in tests) instead of a transport by name.
+    pub fn launcher(mut self, launcher: Arc<dyn Launcher>) -> Self {
+        self.launcher = Some(launcher);
+        self
+    }
+
+    /// Runs the interpreter under a command (for the process transports, by name):
+    /// `["uv", "run", "--"]`, `["nice", "-n", "10"]`, a container's entry point. See
+    /// [`process::ProcessLauncher::wrapper`] for what the wrapper must do.
+    #[cfg(any(feature = "stdio", feature = "ipc", feature = "zmq"))]
+    #[cfg_attr(
+        docsrs,
+        doc(cfg(any(feature = "stdio", feature = "ipc", feature = "zmq")))
+    )]
+    pub fn python_wrapper<I, S>(mut self, wrapper: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.wrapper = wrapper.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Starts the pool ([`Pool::start`]): resolves when `min_ready` workers are ready.
+    pub async fn start(self) -> Result<Pool> {
+        let launcher = match self.launcher {
+            Some(launcher) => launcher,
+            #[cfg(any(feature = "stdio", feature = "ipc", feature = "zmq"))]
+            None if !self.wrapper.is_empty() => {
+                let processes = process::ProcessLauncher::new().wrapper(self.wrapper);
+                launcher_with(&self.transport, processes)?
+            }
+            None => launcher(&self.transport)?,
+        };
+        Pool::start(self.config, launcher).await
+    }
+}
+
+/// [`launcher`] for a process transport, with a [`process::ProcessLauncher`] of your own (an
+/// interpreter [wrapper](process::ProcessLauncher::wrapper), say). Other transports are refused.
+#[cfg(any(feature = "stdio", feature = "ipc", feature = "zmq"))]
+#[cfg_attr(
+    docsrs,
+    doc(cfg(any(feature = "stdio", feature = "ipc", feature = "zmq")))
+)]
+pub fn launcher_with(
+    name: &str,
+    processes: process::ProcessLauncher,
+) -> Result<Arc<dyn Launcher>, UnknownTransport> {
+    let _ = &processes;
+    match name {
+        #[cfg(all(feature = "stdio", unix))]
+        "stdio" => Ok(Arc::new(transport_stdio::StdioLauncher::with_processes(
+            processes,
+        ))),
+        #[cfg(all(feature = "ipc", unix))]
+        "ipc" => Ok(Arc::new(
+            transport_ipc::IpcLauncher::new().process_launcher(processes),
+        )),
+        #[cfg(all(feature = "zmq", unix))]
+        "zmq" => Ok(Arc::new(
+            transport_zmq::ZmqLauncher::new().process_launcher(processes),
+        )),
+        _ => Err(UnknownTransport {
+            name: name.to_owned(),
+        }),
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -61,8 +61,6 @@ use std::time::Duration;
 
 use ::metrics::{counter, describe_counter, describe_gauge, gauge, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -277,12 +275,13 @@ impl Drop for MetricsExporter {
     }
 }
 
-/// A Prometheus text-format endpoint started by [`serve_prometheus`]. Dropping it stops serving.
+/// A Prometheus endpoint started by [`serve_prometheus`]: `metrics-exporter-prometheus`'s own
+/// HTTP listener. Dropping it stops serving.
 #[derive(Debug)]
 pub struct PrometheusEndpoint {
     addr: SocketAddr,
     handle: PrometheusHandle,
-    task: JoinHandle<()>,
+    tasks: [JoinHandle<()>; 2],
 }
 
 impl PrometheusEndpoint {
@@ -305,68 +304,54 @@ impl PrometheusEndpoint {
 
 impl Drop for PrometheusEndpoint {
     fn drop(&mut self) {
-        self.task.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
-/// Installs a Prometheus recorder (from `metrics-exporter-prometheus`) as the process's global
-/// `metrics` recorder and serves its text format over HTTP at `addr` (any path answers; use
-/// `/metrics`). Port 0 picks a free port: see [`PrometheusEndpoint::local_addr`].
+/// How often the recorder's upkeep runs (it drains histogram samples into their buckets).
+const UPKEEP: Duration = Duration::from_secs(5);
+
+/// Installs a Prometheus recorder as the process's global `metrics` recorder and serves it at
+/// `http://ADDR/metrics` with `metrics-exporter-prometheus`'s own HTTP listener, on the current
+/// tokio runtime. Must be called within one.
 ///
-/// The server is deliberately minimal (one short HTTP/1.1 response per connection) and meant for
-/// scrapers on a trusted network. Fails if the address cannot be bound or if a global recorder is
-/// already installed.
+/// Port 0 picks a free port (see [`PrometheusEndpoint::local_addr`]): the exporter does not
+/// report the port it bound, so pypool binds a free one, releases it and hands it to the
+/// exporter. In the moment between, another process could take it; then this fails with an
+/// "address in use" error rather than serving elsewhere. Services should name their port.
+///
+/// Fails if the address cannot be bound or if a global recorder is already installed.
 pub async fn serve_prometheus(addr: SocketAddr) -> io::Result<PrometheusEndpoint> {
-    let listener = TcpListener::bind(addr).await?;
-    let addr = listener.local_addr()?;
-    let handle = PrometheusBuilder::new()
-        .install_recorder()
+    let addr = if addr.port() == 0 {
+        std::net::TcpListener::bind(addr)?.local_addr()?
+    } else {
+        addr
+    };
+    let (recorder, exporter) = PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .build()
+        .map_err(|err| io::Error::new(io::ErrorKind::AddrInUse, err.to_string()))?;
+    let handle = recorder.handle();
+    ::metrics::set_global_recorder(recorder)
         .map_err(|err| io::Error::other(format!("cannot install the metrics recorder: {err}")))?;
-    let served = handle.clone();
-    let task = tokio::spawn(async move {
-        let mut last_upkeep = tokio::time::Instant::now();
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            if last_upkeep.elapsed() >= Duration::from_secs(5) {
-                served.run_upkeep();
-                last_upkeep = tokio::time::Instant::now();
-            }
-            let body = served.render();
-            tokio::spawn(respond(stream, body));
+    let serve = tokio::spawn(async move {
+        if let Err(err) = exporter.await {
+            tracing::warn!(error = ?err, "the Prometheus endpoint stopped");
         }
     });
-    Ok(PrometheusEndpoint { addr, handle, task })
-}
-
-/// Reads the request head (bounded in size and time) and answers with `body`.
-async fn respond(mut stream: TcpStream, body: String) {
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    let read_head = async {
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
-            }
+    let upkept = handle.clone();
+    let upkeep = tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(UPKEEP);
+        loop {
+            ticks.tick().await;
+            upkept.run_upkeep();
         }
-    };
-    if tokio::time::timeout(Duration::from_secs(5), read_head)
-        .await
-        .is_err()
-    {
-        return;
-    }
-    let (status, body) = if head.starts_with(b"GET ") {
-        ("200 OK", body)
-    } else {
-        ("405 Method Not Allowed", String::new())
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = stream.write_all(response.as_bytes()).await;
-    let _ = stream.shutdown().await;
+    });
+    Ok(PrometheusEndpoint {
+        addr,
+        handle,
+        tasks: [serve, upkeep],
+    })
 }

@@ -1432,11 +1432,32 @@ def load_app(target):
     return importlib.import_module(target)
 
 
-def _max_in_flight(option, app):
+# Calls a worker accepts at once when every handler is async and neither the app
+# (PYPOOL_MAX_IN_FLIGHT) nor --max-in-flight says: async handlers interleave on one event loop, so
+# one call at a time would leave the worker idle at every await.
+ASYNC_MAX_IN_FLIGHT = 16
+
+
+def _max_in_flight(option, app, handlers=None):
+    """Calls one worker accepts at once: --max-in-flight, else the app's PYPOOL_MAX_IN_FLIGHT,
+    else ASYNC_MAX_IN_FLIGHT when every handler is async, else 1. The defaults are logged."""
     if option is not None:
         value, source = option, "--max-in-flight"
+    elif hasattr(app, "PYPOOL_MAX_IN_FLIGHT"):
+        value, source = app.PYPOOL_MAX_IN_FLIGHT, "PYPOOL_MAX_IN_FLIGHT"
     else:
-        value, source = getattr(app, "PYPOOL_MAX_IN_FLIGHT", 1), "PYPOOL_MAX_IN_FLIGHT"
+        handlers = _HANDLERS if handlers is None else handlers
+        asynchronous = [h.name for h in handlers.values() if h.on_loop]
+        if asynchronous and len(asynchronous) == len(handlers):
+            log("every handler is async: taking up to %d calls at once on the event loop "
+                "(set PYPOOL_MAX_IN_FLIGHT in the app, or the pool's max_in_flight, to change it)"
+                % ASYNC_MAX_IN_FLIGHT)
+            return ASYNC_MAX_IN_FLIGHT
+        if asynchronous:
+            log("one call at a time: the app mixes sync and async handlers (async: %s); set "
+                "PYPOOL_MAX_IN_FLIGHT in the app to run the async ones concurrently"
+                % ", ".join(sorted(asynchronous)))
+        return 1
     if type(value) is not int or value < 1:
         raise UsageError("%s must be an integer >= 1, got %r" % (source, value))
     return value

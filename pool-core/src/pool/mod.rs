@@ -192,7 +192,9 @@ impl Pool {
     /// All workers launch at once. Fails with [`Error::StartFailed`] (with the last launch error
     /// and the worker's stderr) when a worker reports it cannot start (for instance its app fails to
     /// import), when launches keep failing until the circuit breaker opens, or after
-    /// `start_timeout`. It never hangs, and a failed start leaves no process behind.
+    /// `start_timeout`, or, with [`require_commands`](PoolConfig::require_commands), as soon as the
+    /// first ready worker shows that the app lacks one of them. It never hangs, and a failed start
+    /// leaves no process behind.
     ///
     /// Must be called within a tokio runtime: the pool's background tasks run on it.
     pub async fn start(config: PoolConfig, launcher: Arc<dyn Launcher>) -> Result<Pool, Error> {
@@ -238,7 +240,12 @@ impl Pool {
 
     async fn wait_ready(&self) -> Result<(), Error> {
         let shared = &self.shared;
-        let wanted = shared.config.effective_min_ready();
+        let required = &shared.config.require_commands;
+        // Checking the required commands needs one worker's HELLO.
+        let wanted = match shared.config.effective_min_ready() {
+            0 if !required.is_empty() => 1,
+            wanted => wanted,
+        };
         let deadline = Instant::now() + shared.config.start_timeout;
         loop {
             let notified = shared.changed.notified();
@@ -247,11 +254,20 @@ impl Pool {
             let failed = {
                 let state = shared.state.lock();
                 let ready = state.live_workers();
-                if ready >= wanted {
+                // The commands are the union of every HELLO so far: known once a worker is ready.
+                let known = state.commands();
+                let missing = if ready > 0 || !known.is_empty() {
+                    crate::error::missing_commands(required, known)
+                } else {
+                    None
+                };
+                if ready >= wanted && missing.is_none() {
                     return Ok(());
                 }
                 let last_error = || state.breaker().last_error.as_deref().unwrap_or("none");
-                let reason = if let Some(fatal) = state.fatal_start_error() {
+                let reason = if let Some(missing) = missing {
+                    Some(missing)
+                } else if let Some(fatal) = state.fatal_start_error() {
                     Some(fatal.to_owned())
                 } else if state.breaker_open() {
                     Some(format!(

@@ -212,61 +212,106 @@ impl Ui {
     }
 }
 
-/// Lays out rows under headers; columns whose cells all look numeric are right-aligned.
+/// The widest a table may be: it fits a 100-column terminal.
+pub const MAX_WIDTH: usize = 100;
+
+/// Lays out rows under headers (with `comfy-table`), at most [`MAX_WIDTH`] columns wide
+/// including `indent`: headers wrap at spaces to their column's width, and columns are two
+/// spaces apart, or one when two would not fit. Columns whose cells all look numeric are
+/// right-aligned.
 pub fn table(headers: &[&str], rows: &[Vec<String>], indent: usize) -> String {
-    let columns = headers.len();
+    use comfy_table::{presets::NOTHING, CellAlignment, ContentArrangement, Table};
     let width = |s: &str| s.chars().count();
-    let mut widths: Vec<usize> = headers.iter().map(|h| width(h)).collect();
+    let columns = headers.len();
     let mut numeric = vec![true; columns];
+    let mut cells = vec![0usize; columns];
     for row in rows {
         for (i, cell) in row.iter().enumerate().take(columns) {
-            widths[i] = widths[i].max(width(cell));
-            let looks_numeric = cell
+            cells[i] = cells[i].max(width(cell));
+            numeric[i] &= cell
                 .chars()
                 .next()
                 .is_none_or(|c| c.is_ascii_digit() || c == '-' || c == '—');
-            numeric[i] &= looks_numeric;
+        }
+    }
+    let gaps = columns.saturating_sub(1);
+    let natural = |headers: &[String]| -> usize {
+        headers
+            .iter()
+            .zip(&cells)
+            .map(|(header, &cell)| header.lines().map(width).max().unwrap_or(0).max(cell))
+            .sum()
+    };
+    let mut headers: Vec<String> = headers.iter().map(|h| (*h).to_owned()).collect();
+    if indent + natural(&headers) + 2 * gaps > MAX_WIDTH {
+        // Too wide: headers wider than their column's cells wrap at spaces.
+        headers = headers
+            .iter()
+            .zip(&cells)
+            .map(|(header, &cell)| {
+                let target = header.split(' ').map(width).max().unwrap_or(0).max(cell);
+                wrap(header, target)
+            })
+            .collect();
+    }
+    let natural = natural(&headers);
+    let gap = if indent + natural + 2 * gaps <= MAX_WIDTH {
+        2
+    } else {
+        1
+    };
+    let mut table = Table::new();
+    table.load_preset(NOTHING).set_header(headers);
+    if indent + natural + gap * gaps > MAX_WIDTH {
+        // Still too wide: let comfy-table wrap cells too.
+        table
+            .set_content_arrangement(ContentArrangement::Dynamic)
+            .set_width(u16::try_from(MAX_WIDTH.saturating_sub(indent)).unwrap_or(u16::MAX));
+    }
+    for row in rows {
+        table.add_row(row.iter().take(columns).cloned().collect::<Vec<_>>());
+    }
+    for (i, column) in table.column_iter_mut().enumerate() {
+        column.set_padding((if i == 0 { 0 } else { gap as u16 }, 0));
+        if numeric.get(i).copied().unwrap_or(false) {
+            column.set_cell_alignment(CellAlignment::Right);
         }
     }
     let mut out = String::new();
-    let mut line = |cells: Vec<&str>| {
+    for line in table.lines() {
         out.push_str(&" ".repeat(indent));
-        let mut text = String::new();
-        for (i, cell) in cells.iter().enumerate() {
-            let pad = widths[i].saturating_sub(width(cell));
-            if i > 0 {
-                text.push_str("  ");
-            }
-            if numeric[i] {
-                text.push_str(&" ".repeat(pad));
-                text.push_str(cell);
-            } else {
-                text.push_str(cell);
-                if i + 1 < cells.len() {
-                    text.push_str(&" ".repeat(pad));
-                }
-            }
-        }
-        out.push_str(text.trim_end());
+        out.push_str(line.trim_end());
         out.push('\n');
-    };
-    line(headers.to_vec());
-    for row in rows {
-        line(row.iter().map(String::as_str).collect());
     }
     out
+}
+
+/// `text` broken at spaces into lines of at most `target` characters (a longer word keeps its
+/// own line).
+fn wrap(text: &str, target: usize) -> String {
+    let mut lines: Vec<String> = Vec::new();
+    for word in text.split(' ') {
+        match lines.last_mut() {
+            Some(line) if line.chars().count() + 1 + word.chars().count() <= target => {
+                line.push(' ');
+                line.push_str(word);
+            }
+            _ => lines.push(word.to_owned()),
+        }
+    }
+    lines.join("\n")
 }
 
 /// Microseconds, in the unit that reads best.
 pub fn fmt_us(us: f64) -> String {
     if us < 1_000.0 {
-        format!("{us:.0} µs")
+        format!("{us:.0}µs")
     } else if us < 10_000.0 {
-        format!("{:.2} ms", us / 1e3)
+        format!("{:.2}ms", us / 1e3)
     } else if us < 1_000_000.0 {
-        format!("{:.1} ms", us / 1e3)
+        format!("{:.1}ms", us / 1e3)
     } else {
-        format!("{:.2} s", us / 1e6)
+        format!("{:.2}s", us / 1e6)
     }
 }
 
@@ -334,9 +379,9 @@ mod tests {
     fn numbers_read_well() {
         assert_eq!(fmt_count(0), "0");
         assert_eq!(fmt_count(1234567), "1,234,567");
-        assert_eq!(fmt_us(812.0), "812 µs");
-        assert_eq!(fmt_us(3_200.0), "3.20 ms");
-        assert_eq!(fmt_us(1_500_000.0), "1.50 s");
+        assert_eq!(fmt_us(812.0), "812µs");
+        assert_eq!(fmt_us(3_200.0), "3.20ms");
+        assert_eq!(fmt_us(1_500_000.0), "1.50s");
         assert_eq!(fmt_bytes(2048), "2.0 KiB");
         assert_eq!(fmt_ratio(None), "—");
     }
@@ -352,5 +397,42 @@ mod tests {
             2,
         );
         assert_eq!(out, "  id   calls\n  w1       5\n  w10    120\n");
+    }
+
+    #[test]
+    fn wide_tables_wrap_to_fit_100_columns() {
+        let headers = [
+            "",
+            "start-up",
+            "throughput",
+            "mean",
+            "p50",
+            "p99",
+            "p99.9",
+            "errors",
+            "pypool ÷ this: throughput",
+            "p50",
+            "p99",
+        ];
+        let row: Vec<String> = [
+            "ProcessPoolExecutor",
+            "337.6ms",
+            "12,345/s",
+            "8.12ms",
+            "7.90ms",
+            "11.6ms",
+            "13.4ms",
+            "0",
+            "1.23×",
+            "0.98×",
+            "0.87×",
+        ]
+        .map(String::from)
+        .to_vec();
+        let out = table(&headers, &[row.clone(), row], 0);
+        for line in out.lines() {
+            assert!(line.chars().count() <= MAX_WIDTH, "{line:?} in\n{out}");
+        }
+        assert!(out.contains("ProcessPoolExecutor"), "{out}");
     }
 }

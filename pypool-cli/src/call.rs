@@ -16,7 +16,7 @@ pub async fn run(global: &Global, args: CallArgs) -> Result<ExitCode, Failure> {
     let value = parse_args(args.args.as_deref()).await?;
     check_app(&args.app)?;
     let launcher = pypool::launcher("stdio")?;
-    let timeout = Duration::from_secs_f64(args.timeout);
+    let timeout = args.timeout;
     let config = PoolConfig::new(args.app.clone())
         .name("call")
         .size(1)
@@ -27,7 +27,7 @@ pub async fn run(global: &Global, args: CallArgs) -> Result<ExitCode, Failure> {
     let spinner = ui.spinner(format!("starting a worker for {}", args.app));
     let pool = Pool::start(config, launcher).await;
     spinner.finish_and_clear();
-    let pool = pool.map_err(|err| start_failure(&args.app, err))?;
+    let pool = pool.map_err(|err| start_failure(&args.app, &global.python, err))?;
 
     let spinner = ui.spinner(format!("calling {}", args.command));
     let t0 = Instant::now();
@@ -106,13 +106,14 @@ fn check_app(app: &str) -> Result<(), Failure> {
     Ok(())
 }
 
-fn start_failure(app: &str, err: pypool::Error) -> Failure {
+fn start_failure(app: &str, python: &Path, err: pypool::Error) -> Failure {
     let text = err.to_string();
     let hint = if text.contains("ModuleNotFoundError") || text.contains("No module named") {
         let cwd = std::env::current_dir()
             .map(|d| d.display().to_string())
             .unwrap_or_else(|_| ".".into());
-        format!("\nhint: APP must be a path to a .py file, or a module importable from the current directory ({cwd}) or PYTHONPATH; a module the app imports may be missing from this interpreter")
+        let (chosen, source) = pypool::process::choose_python(python, &Default::default());
+        format!("\nhint: APP must be a path to a .py file, or a module importable from the current directory ({cwd}) or PYTHONPATH; a module the app imports may be missing from the workers' interpreter, `{}` ({source}): install it there, or choose another with --python, $PYPOOL_PYTHON or an active virtualenv", chosen.display())
     } else if text.contains("registers no handlers") {
         "\nhint: decorate the functions to serve with @handler (from pypool_worker import handler)"
             .to_owned()
@@ -131,6 +132,18 @@ fn start_failure(app: &str, err: pypool::Error) -> Failure {
 
 fn call_failure(command: &str, err: &pypool::Error) -> Failure {
     let json = json!({"ok": false, "error": error_json(err)});
+    if let pypool::Error::UnknownCommand {
+        known, suggestion, ..
+    } = err
+    {
+        // A mistake on the command line, not a failed call.
+        let mut message = format!("the app has no handler `{command}`");
+        if let Some(suggestion) = suggestion {
+            message.push_str(&format!(" (did you mean `{suggestion}`?)"));
+        }
+        message.push_str(&format!("; its handlers: {}", known.join(", ")));
+        return Failure::usage(message).with_json(json);
+    }
     let message = match err {
         pypool::Error::Handler { error, .. } => {
             let mut message = format!("`{command}` raised {}: {}", error.kind, error.message);

@@ -92,6 +92,14 @@ struct DemoReport {
 
 pub async fn run(global: &Global, args: DemoArgs) -> Result<ExitCode, Failure> {
     let ui = Ui::new(global);
+    #[cfg(not(feature = "metrics"))]
+    if args.metrics_addr.is_some() || args.hold {
+        return Err(Failure::usage(
+            "--metrics-addr needs a pypool built with the `metrics` feature: \
+             `cargo install pypool-cli --features metrics`, or \
+             `cargo run --release -p pypool-cli --features metrics -- demo --metrics-addr ADDR`",
+        ));
+    }
     let workers = usize::from(args.workers);
     let assets = Assets::write(&[DEMO_HANDLERS])?;
     let launcher = pypool::launcher(&args.transport)?;

@@ -6,17 +6,13 @@ use std::path::{Path, PathBuf};
 use tempfile::TempDir;
 
 /// The demo's handlers (also used by `bench` and `doctor`).
-pub const DEMO_HANDLERS: (&str, &str) = (
-    "demo_handlers.py",
-    include_str!("../../../demo/demo_handlers.py"),
-);
+pub const DEMO_HANDLERS: (&str, &str) =
+    ("demo_handlers.py", include_str!("../demo/demo_handlers.py"));
 /// The raw-pipes echo for `bench --baseline`.
-pub const RAW_ECHO: (&str, &str) = ("raw_echo.py", include_str!("../../../bench/raw_echo.py"));
+pub const RAW_ECHO: (&str, &str) = ("raw_echo.py", include_str!("../bench/raw_echo.py"));
 /// Python's own pools for `bench --baseline`.
-pub const PYTHON_POOLS: (&str, &str) = (
-    "python_pools.py",
-    include_str!("../../../bench/python_pools.py"),
-);
+pub const PYTHON_POOLS: (&str, &str) =
+    ("python_pools.py", include_str!("../bench/python_pools.py"));
 
 /// A temporary directory holding some of the embedded files; removed when dropped.
 #[derive(Debug)]

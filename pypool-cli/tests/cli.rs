@@ -538,7 +538,184 @@ fn help_teaches() {
         assert!(stdout.contains(expected), "{expected}: {stdout}");
     }
     let output = run(&["bench", "--help"]);
-    assert!(text(&output.stdout).contains("multiprocessing.Pool"));
+    let help = text(&output.stdout);
+    assert!(help.contains("multiprocessing.Pool"), "{help}");
+    // The list in the long help keeps its lines and bullets.
+    assert!(
+        help.contains("on:\n  - the raw floor: WORKERS Python processes"),
+        "{help}"
+    );
+}
+
+#[test]
+fn usage_errors_are_json_with_json() {
+    for args in [
+        &["--json", "bench", "--workers", "0"][..],
+        &["--json", "frobnicate"],
+        &["demo", "--transport", "pigeon", "--json"],
+    ] {
+        let output = run(args);
+        assert_exit(&output, 2);
+        let report = json_of(&output);
+        assert_eq!(report["ok"], false, "{args:?}: {report}");
+        assert_eq!(report["error"]["type"], "UsageError", "{args:?}: {report}");
+        assert_eq!(report["error"]["exit_code"], 2, "{args:?}: {report}");
+        assert!(
+            report["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{args:?}: {report}"
+        );
+    }
+    let output = run(&["--json", "demo", "--transport", "pigeon"]);
+    let report = json_of(&output);
+    assert!(
+        report["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("unknown transport 'pigeon'")),
+        "{report}"
+    );
+    // Help is not an error: no JSON, exit 0.
+    let output = run(&["--json", "--help"]);
+    assert_exit(&output, 0);
+    assert!(text(&output.stdout).contains("Usage:"));
+}
+
+#[test]
+fn bench_takes_sizes_with_units_and_its_baseline_table_fits_100_columns() {
+    let output = run(&[
+        "bench",
+        "--calls",
+        "40",
+        "--workers",
+        "1",
+        "--concurrency",
+        "2",
+        "--payload",
+        "1MiB",
+        "--baseline",
+    ]);
+    assert_exit(&output, 0);
+    let stdout = text(&output.stdout);
+    assert!(stdout.contains("1.0 MiB payload"), "{}", describe(&output));
+    // The table: from its header to the first blank line after the rows.
+    let table: Vec<&str> = stdout
+        .lines()
+        .skip_while(|line| !line.contains("start-up"))
+        .take_while(|line| !line.is_empty())
+        .collect();
+    assert!(table.len() >= 5, "{}", describe(&output));
+    for line in &table {
+        assert!(line.chars().count() <= 100, "{line:?}\n{stdout}");
+    }
+    assert!(
+        table.iter().any(|l| l.starts_with("ProcessPoolExecutor")),
+        "{stdout}"
+    );
+
+    let output = run(&["bench", "--payload", "65MiB"]);
+    assert_exit(&output, 2);
+    assert!(
+        text(&output.stderr).contains("64 MiB"),
+        "{}",
+        describe(&output)
+    );
+}
+
+#[test]
+fn call_names_the_handlers_when_one_is_unknown() {
+    let dir = app_dir();
+    let output = run_in(
+        &["call", "--app", "handlers.py", "shuot", r#"["hi"]"#],
+        Some(dir.path()),
+    );
+    assert_exit(&output, 2);
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("the app has no handler `shuot` (did you mean `shout`?); its handlers: add, boom, shout"),
+        "{}",
+        describe(&output)
+    );
+    let output = run_in(
+        &["--json", "call", "--app", "handlers.py", "shuot"],
+        Some(dir.path()),
+    );
+    assert_exit(&output, 2);
+    let report = json_of(&output);
+    assert_eq!(report["error"]["type"], "UnknownCommand", "{report}");
+}
+
+#[test]
+fn call_timeouts_read_like_durations() {
+    let dir = app_dir();
+    let output = run_in(
+        &[
+            "call",
+            "--app",
+            "handlers.py",
+            "--timeout",
+            "1m 30s",
+            "add",
+            r#"{"a": 1, "b": 2}"#,
+        ],
+        Some(dir.path()),
+    );
+    assert_exit(&output, 0);
+    assert_eq!(text(&output.stdout).trim(), "3");
+    let output = run_in(
+        &["call", "--app", "handlers.py", "--timeout", "soon", "add"],
+        Some(dir.path()),
+    );
+    assert_exit(&output, 2);
+    assert!(
+        text(&output.stderr).contains("500ms"),
+        "{}",
+        describe(&output)
+    );
+}
+
+#[test]
+fn runtime_path_is_importable() {
+    let output = run(&["runtime", "--path"]);
+    assert_exit(&output, 0);
+    let path = text(&output.stdout).trim().to_owned();
+    assert!(
+        Path::new(&path).join("pypool_worker/__init__.py").is_file(),
+        "{}",
+        describe(&output)
+    );
+    let imported = Command::new("python3")
+        .args([
+            "-c",
+            "import pypool_worker, sys; print(pypool_worker.__file__)",
+        ])
+        .env("PYTHONPATH", &path)
+        .output()
+        .expect("python3 runs");
+    assert!(imported.status.success(), "{}", describe(&imported));
+    assert!(
+        text(&imported.stdout).starts_with(&path),
+        "{}",
+        describe(&imported)
+    );
+
+    let output = run(&["runtime", "--json"]);
+    assert_exit(&output, 0);
+    let report = json_of(&output);
+    assert_eq!(report["path"], Value::from(path));
+    assert!(report["version"].is_string(), "{report}");
+}
+
+#[cfg(not(feature = "metrics"))]
+#[test]
+fn metrics_addr_says_which_feature_it_needs() {
+    let output = run(&["demo", "--metrics-addr", "127.0.0.1:0"]);
+    assert_exit(&output, 2);
+    assert!(
+        text(&output.stderr).contains("--features metrics"),
+        "{}",
+        describe(&output)
+    );
 }
 
 #[cfg(feature = "testkit")]

@@ -19,10 +19,13 @@ mod doctor;
 #[cfg(unix)]
 mod measure;
 #[cfg(unix)]
+mod runtime;
+#[cfg(unix)]
 mod ui;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -34,7 +37,8 @@ Exit codes:
   3  the workers could not start (interpreter missing, app module or file not importable)
 
 Environment: RUST_LOG overrides the log filter of -v (e.g. RUST_LOG=pypool::worker=info shows
-what workers write to stderr).";
+what workers write to stderr). With the default --python, PYPOOL_PYTHON names the interpreter,
+else an active virtualenv (VIRTUAL_ENV) is used, else python3 in PATH.";
 
 const BENCH_AFTER_HELP: &str = "\
 With --json, one object on stdout:
@@ -49,7 +53,7 @@ With --json, one object on stdout:
 
 Examples:
   pypool bench
-  pypool bench --workers 2 --concurrency 8 --calls 20000 --payload 4096
+  pypool bench --workers 2 --concurrency 8 --calls 20000 --payload 4KiB
   pypool bench --baseline --json";
 
 /// Pools of long-lived Python worker processes for Rust services.
@@ -73,7 +77,8 @@ pub struct Cli {
 #[derive(Debug, Clone, Args)]
 pub struct Global {
     /// The Python interpreter for the workers: a name looked up in PATH or a path (shims such
-    /// as pyenv's are resolved once, through `sys.executable`).
+    /// as pyenv's are resolved once, through `sys.executable`). The default means
+    /// $PYPOOL_PYTHON if set, else the active virtualenv ($VIRTUAL_ENV), else python3 in PATH.
     #[arg(long, global = true, value_name = "PATH", default_value = "python3")]
     pub python: PathBuf,
 
@@ -82,7 +87,8 @@ pub struct Global {
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
 
-    /// Print one JSON object on stdout instead of tables (and no progress bars).
+    /// Print one JSON object on stdout instead of tables (and no progress bars), also for
+    /// usage errors.
     #[arg(long, global = true)]
     pub json: bool,
 }
@@ -119,9 +125,10 @@ pub enum Command {
     ///     processes and CONCURRENCY caller threads.
     ///
     /// Each is shown with pypool's throughput and latency as a ratio of its own (--baseline
-    /// needs a process transport: stdio or ipc). The runs share one machine, so compare ratios, not absolute
-    /// numbers, and prefer a release build (`cargo run --release -p pypool -- bench`).
-    #[command(after_help = BENCH_AFTER_HELP)]
+    /// needs a process transport: stdio or ipc). The runs share one machine, so compare
+    /// ratios, not absolute numbers, and prefer a release build
+    /// (`cargo run --release -p pypool-cli -- bench`).
+    #[command(after_help = BENCH_AFTER_HELP, verbatim_doc_comment)]
     Bench(BenchArgs),
 
     /// Start one worker for your module, call one handler, print the result.
@@ -134,7 +141,8 @@ pub enum Command {
     ///
     /// Prints the result as JSON. If the handler raises, prints the exception's type, message
     /// and traceback and exits with 1; if the worker cannot start (for instance the module does
-    /// not import), prints the import error and exits with 3.
+    /// not import), prints the import error and exits with 3; if the module has no such
+    /// handler, names the ones it has (and the one you likely meant) and exits with 2.
     #[command(
         after_help = "Examples:\n  pypool call --app examples/text_stats.py word_count '{\"text\": \"Hello there. Bye.\"}'\n  pypool call --app mypackage.handlers predict '[[1.0, 2.0]]'\n  echo '{\"a\": 1, \"b\": 2}' | pypool call --app handlers.py add -"
     )]
@@ -148,6 +156,26 @@ pub enum Command {
     /// real worker and calls it, and says what to do about anything missing. Exits with 1 if
     /// workers cannot run here.
     Doctor,
+
+    /// Show the embedded Python runtime (`pypool_worker`), or where to import it from.
+    ///
+    /// Workers import `pypool_worker` from a private cache directory that pypool writes the
+    /// embedded copy into. `--path` prints that directory (written if needed), so that editors,
+    /// type checkers and pytest can import the same `pypool_worker` as the workers:
+    /// `PYTHONPATH=$(pypool runtime --path) pytest`. To install it into an environment instead:
+    /// `pip install ./python` from a checkout of the repository.
+    #[command(
+        after_help = "Examples:\n  pypool runtime\n  PYTHONPATH=\"$(pypool runtime --path)\" python3 -c 'import pypool_worker'"
+    )]
+    Runtime(RuntimeArgs),
+}
+
+/// `pypool runtime`.
+#[derive(Debug, Args)]
+pub struct RuntimeArgs {
+    /// Print only the directory to put on PYTHONPATH.
+    #[arg(long)]
+    pub path: bool,
 }
 
 /// `pypool demo`.
@@ -162,14 +190,13 @@ pub struct DemoArgs {
     pub workers: u16,
 
     /// Serve the pool's metrics in the Prometheus text format at http://ADDR/metrics while the
-    /// demo runs (port 0 picks a free port; the address is printed on stderr).
-    #[cfg(feature = "metrics")]
+    /// demo runs (port 0 picks a free port; the address is printed on stderr). Needs a pypool
+    /// built with the `metrics` feature (`cargo install pypool-cli --features metrics`).
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
 
     /// After the workload, keep the pool and the metrics endpoint up until standard input
     /// closes (or Ctrl-C), so the metrics can be scraped; prints a line on stderr when ready.
-    #[cfg(feature = "metrics")]
     #[arg(long, requires = "metrics_addr")]
     pub hold: bool,
 }
@@ -193,8 +220,9 @@ pub struct BenchArgs {
     #[arg(long, short = 'n', value_name = "M", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     pub calls: u64,
 
-    /// Size of the binary attachment each call sends and gets back.
-    #[arg(long, short, value_name = "BYTES", default_value_t = 64, value_parser = clap::value_parser!(u32).range(0..=64 * 1024 * 1024))]
+    /// Size of the binary attachment each call sends and gets back: bytes, or with a unit
+    /// (4KiB, 1MiB, 2MB); at most 64 MiB.
+    #[arg(long, short, value_name = "SIZE", default_value = "64", value_parser = parse_payload)]
     pub payload: u32,
 
     /// Also run the same workload on the raw channel (the floor), multiprocessing.Pool and
@@ -222,9 +250,9 @@ pub struct CallArgs {
     #[arg(long, value_name = "ID")]
     pub session: Option<String>,
 
-    /// Give up on the call after this many seconds.
-    #[arg(long, value_name = "SECONDS", default_value_t = 60.0, value_parser = parse_seconds)]
-    pub timeout: f64,
+    /// Give up on the call after this long: 500ms, 30s, 2m, 1h (a bare number is seconds).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub timeout: Duration,
 }
 
 fn parse_transport(name: &str) -> Result<String, pypool::UnknownTransport> {
@@ -237,12 +265,61 @@ fn parse_transport(name: &str) -> Result<String, pypool::UnknownTransport> {
     }
 }
 
-fn parse_seconds(text: &str) -> Result<f64, String> {
-    match text.parse::<f64>() {
-        Ok(seconds) if seconds > 0.0 && seconds <= 86_400.0 * 365.0 => Ok(seconds),
-        Ok(_) => Err("must be more than 0 and at most a year".to_owned()),
-        Err(err) => Err(err.to_string()),
+/// `500ms`, `2m`, `1h 30m` (humantime), or a bare number of seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration = match text.trim().parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() && seconds >= 0.0 => Duration::from_secs_f64(seconds),
+        Ok(_) => return Err("must be a positive duration".to_owned()),
+        Err(_) => humantime::parse_duration(text)
+            .map_err(|err| format!("{err} (write it as 500ms, 30s, 2m or 1h)"))?,
+    };
+    if duration.is_zero() || duration > Duration::from_secs(86_400 * 365) {
+        return Err("must be more than 0 and at most a year".to_owned());
     }
+    Ok(duration)
+}
+
+/// `65536`, `64KiB`, `1MiB`, `2MB`, at most 64 MiB.
+fn parse_payload(text: &str) -> Result<u32, String> {
+    const MAX: u64 = 64 * 1024 * 1024;
+    let bytes = parse_size(text)?;
+    if bytes > MAX {
+        return Err(format!(
+            "{bytes} bytes is more than the 64 MiB a bench payload may be"
+        ));
+    }
+    u32::try_from(bytes).map_err(|err| err.to_string())
+}
+
+/// A byte count, bare or with a unit: B, KB/MB/GB (powers of 1000), KiB/MiB/GiB (of 1024).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        "ki" | "kib" => 1 << 10,
+        "mi" | "mib" => 1 << 20,
+        "gi" | "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` (use B, KB, MB, KiB, MiB, GiB)"
+            ))
+        }
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size (e.g. 64, 4KiB, 1MiB)"))?;
+    let bytes = value * factor as f64;
+    if bytes.fract() != 0.0 || bytes > u64::MAX as f64 {
+        return Err(format!("`{text}` is not a whole number of bytes"));
+    }
+    Ok(bytes as u64)
 }
 
 fn init_tracing(verbose: u8) {
@@ -263,9 +340,39 @@ fn init_tracing(verbose: u8) {
         .try_init();
 }
 
+/// Parses the command line; a usage error is printed (on stdout as JSON too with `--json`) and
+/// ends the program with exit code 2.
+fn parse() -> Result<Cli, ExitCode> {
+    match Cli::try_parse() {
+        Ok(cli) => Ok(cli),
+        Err(err) => {
+            // Help and --version are not errors; everything else is a usage error (exit 2).
+            let usage = err.use_stderr();
+            if usage && std::env::args_os().skip(1).any(|arg| arg == "--json") {
+                let detail = err.to_string();
+                let message = detail.lines().next().unwrap_or_default();
+                println!(
+                    "{}",
+                    serde_json::json!({"ok": false, "error": {
+                        "type": "UsageError",
+                        "message": message.trim_start_matches("error: "),
+                        "detail": detail.trim_end(),
+                        "exit_code": err.exit_code(),
+                    }})
+                );
+            }
+            let _ = err.print();
+            Err(ExitCode::from(u8::try_from(err.exit_code()).unwrap_or(2)))
+        }
+    }
+}
+
 #[cfg(unix)]
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     init_tracing(cli.global.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -285,6 +392,7 @@ fn main() -> ExitCode {
             Command::Bench(args) => bench::run(&global, args).await,
             Command::Call(args) => call::run(&global, args).await,
             Command::Doctor => doctor::run(&global).await,
+            Command::Runtime(args) => runtime::run(&global, args).await,
         }
     });
     // A reader still blocked on stdin (after Ctrl-C in `demo --hold`) must not keep us here.
@@ -297,7 +405,9 @@ fn main() -> ExitCode {
 
 #[cfg(not(unix))]
 fn main() -> ExitCode {
-    let _ = Cli::parse();
+    if let Err(code) = parse() {
+        return code;
+    }
     eprintln!("error: the pypool command-line tool needs a Unix system (the stdio transport's process control is Unix-only for now)");
     ExitCode::from(1)
 }

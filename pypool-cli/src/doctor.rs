@@ -19,6 +19,9 @@ use crate::Global;
 struct PythonCheck {
     ok: bool,
     requested: PathBuf,
+    /// Why this interpreter: as configured (--python), from $PYPOOL_PYTHON, the active
+    /// virtualenv, or python3 in PATH.
+    chosen: Option<String>,
     executable: Option<PathBuf>,
     version: Option<String>,
     error: Option<String>,
@@ -123,6 +126,7 @@ pub async fn run(global: &Global) -> Result<ExitCode, Failure> {
         Ok(i) => PythonCheck {
             ok: true,
             requested: i.requested.clone(),
+            chosen: Some(i.source.to_string()),
             executable: Some(i.executable.clone()),
             version: Some(i.version.clone()),
             error: None,
@@ -130,6 +134,7 @@ pub async fn run(global: &Global) -> Result<ExitCode, Failure> {
         Err(err) => PythonCheck {
             ok: false,
             requested: global.python.clone(),
+            chosen: None,
             executable: None,
             version: None,
             error: Some(err.to_string()),
@@ -372,9 +377,10 @@ fn print_human(r: &Report) {
     let p = &r.python;
     match (&p.executable, &p.version) {
         (Some(exe), Some(version)) => println!(
-            "interpreter   {} -> {} (Python {version})  {}",
+            "interpreter   {} -> {} (Python {version}; {})  {}",
             p.requested.display(),
             exe.display(),
+            p.chosen.as_deref().unwrap_or("as configured"),
             mark(true)
         ),
         _ => println!(

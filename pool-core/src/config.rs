@@ -221,6 +221,7 @@ pub struct PoolConfig {
     pub prefetch: usize,
     /// The longest a call queued at a worker (see `prefetch`) should expect to wait for the calls
     /// ahead of it, judged by the worker's recent pace. Default: 1 ms.
+    #[serde(with = "humantime_serde")]
     pub prefetch_wait: Duration,
     /// At shutdown, how long a worker has after SHUTDOWN, and again after SIGTERM. Default: 2 s.
     #[serde(with = "humantime_serde")]

@@ -473,6 +473,18 @@ mod tests {
     }
 
     #[test]
+    fn a_typo_gets_a_suggestion_and_a_stranger_none() {
+        let known: Vec<String> = ["predict", "recall", "remember"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+        assert_eq!(closest("predcit", &known).as_deref(), Some("predict"));
+        assert_eq!(closest("recal", &known).as_deref(), Some("recall"));
+        assert_eq!(closest("train_model", &known), None);
+        assert_eq!(edit_distance("ecoh", "echo"), 1);
+    }
+
+    #[test]
     fn missing_commands_are_named_with_a_suggestion() {
         let known: Vec<String> = ["predict", "recall", "remember"]
             .into_iter()

@@ -14,7 +14,7 @@ use super::lease::{CallStream, InFlight, Lease};
 use super::state::{Target, Waiter};
 use super::{Outcome, Pool, Shared};
 use crate::config::Affinity;
-use crate::error::{CallContext, Error, TimeoutKind};
+use crate::error::{closest, CallContext, Error, TimeoutKind};
 use crate::payload::{Payload, PayloadProblem};
 use crate::protocol::MAX_DEPTH;
 use crate::stats::Metrics;
@@ -431,47 +431,6 @@ impl Shared {
     }
 }
 
-/// The known command closest to `command` (by edit distance), when it is close enough to be a
-/// likely typo.
-fn closest(command: &str, known: &[String]) -> Option<String> {
-    known
-        .iter()
-        .map(|candidate| (edit_distance(command, candidate), candidate))
-        .filter(|(distance, candidate)| {
-            *distance <= (candidate.len().max(command.len()) / 3).max(1)
-        })
-        .min_by_key(|(distance, _)| *distance)
-        .map(|(_, candidate)| candidate.clone())
-}
-
-/// Edits (insert, delete, substitute, swap two neighbours) that turn `a` into `b`: the optimal
-/// string alignment distance, so a swapped pair of letters is one typo.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let a: Vec<char> = a.chars().collect();
-    let b: Vec<char> = b.chars().collect();
-    let width = b.len() + 1;
-    let mut d = vec![0usize; (a.len() + 1) * width];
-    for i in 0..=a.len() {
-        d[i * width] = i;
-    }
-    for (j, cell) in d.iter_mut().enumerate().take(width) {
-        *cell = j;
-    }
-    for i in 1..=a.len() {
-        for j in 1..=b.len() {
-            let cost = usize::from(a[i - 1] != b[j - 1]);
-            let mut best = (d[(i - 1) * width + j] + 1)
-                .min(d[i * width + j - 1] + 1)
-                .min(d[(i - 1) * width + j - 1] + cost);
-            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
-                best = best.min(d[(i - 2) * width + j - 2] + 1);
-            }
-            d[i * width + j] = best;
-        }
-    }
-    d[a.len() * width + b.len()]
-}
-
 /// Removes a waiter from the queue when its caller stops waiting.
 struct WaiterGuard<'a> {
     shared: &'a Arc<Shared>,
@@ -569,22 +528,5 @@ impl Pool {
     /// The commands the workers serve (announced in their handshakes), sorted.
     pub fn commands(&self) -> Vec<String> {
         self.shared().state.lock().commands().to_vec()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_typo_gets_a_suggestion_and_a_stranger_none() {
-        let known: Vec<String> = ["predict", "recall", "remember"]
-            .into_iter()
-            .map(String::from)
-            .collect();
-        assert_eq!(closest("predcit", &known).as_deref(), Some("predict"));
-        assert_eq!(closest("recal", &known).as_deref(), Some("recall"));
-        assert_eq!(edit_distance("ecoh", "echo"), 1);
-        assert_eq!(closest("train_model", &known), None);
     }
 }

@@ -15,6 +15,7 @@ fn call() -> Message {
         session: Some("user-7".into()),
         timeout_ms: Some(30_000),
         window: Some(16),
+        batch: false,
     }
 }
 

@@ -25,7 +25,7 @@ pub use launcher::{
     WorkerSpec,
 };
 pub use payload::{placeholder_index, Payload};
-pub use pool::{CallOptions, CallStream, Pool, SessionEvent};
+pub use pool::{CallOptions, CallStream, MapOptions, MapStream, MapUnordered, Pool, SessionEvent};
 pub use session::Session;
 pub use stats::{
     BreakerState, Counters, Gauges, Health, HealthState, LatencySummary, PoolStats, PoolStatus,

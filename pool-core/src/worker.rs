@@ -16,7 +16,7 @@ use crate::error::WorkerExit;
 use crate::launcher::{FrameReceiver, FrameSender, LaunchError, Launched, ProcessHandle};
 use crate::payload::Payload;
 use crate::protocol::{
-    self, Codec, Hello, Message, ProtocolError, RemoteError, Welcome, PROTOCOL_VERSION,
+    self, Codec, Hello, ItemError, Message, ProtocolError, RemoteError, Welcome, PROTOCOL_VERSION,
 };
 
 /// How long the reader waits for a process whose stream ended to exit, before it kills it: a
@@ -41,6 +41,9 @@ pub(crate) enum Reply {
     Chunk(Payload),
     End,
     Result(Result<Payload, RemoteError>),
+    /// The result of a batch call in which some items failed: the list of values (`null` where
+    /// an item failed) and the failures.
+    Items(Payload, Vec<ItemError>),
     Cancelled,
     /// The worker went away before the call finished.
     Dead(Death),
@@ -304,13 +307,15 @@ impl WorkerConn {
         self.process.as_ref().and_then(|p| p.rss_bytes())
     }
 
-    /// Sends a CALL and registers its reply channel. The returned id is the call's request id.
+    /// Sends a CALL (a batch CALL when `batch`: `args` is then the list of the items' arguments)
+    /// and registers its reply channel. The returned id is the call's request id.
     pub(crate) fn send_call(
         &self,
         command: &str,
         args: Payload,
         session: Option<&str>,
         timeout: Option<Duration>,
+        batch: bool,
     ) -> Result<(u64, mpsc::Receiver<Reply>), SendError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let msg = Message::Call {
@@ -320,6 +325,7 @@ impl WorkerConn {
             session: session.map(str::to_owned),
             timeout_ms: timeout.map(|t| t.as_millis().min(u64::MAX as u128) as u64),
             window: Some(self.stream_window),
+            batch,
         };
         let body = protocol::encode(&msg, self.codec, &args.attachments)
             .map_err(|err| SendError::Encode(err.to_string()))?;
@@ -593,13 +599,20 @@ impl Reader {
             Err(err) => return Err(format!("sent a bad frame: {err}")),
         };
         match msg {
-            Message::Result { id, ok, error } => {
+            Message::Result {
+                id,
+                ok,
+                error,
+                errors,
+            } => {
+                let value = Payload {
+                    value: ok.unwrap_or(Value::Null),
+                    attachments,
+                };
                 let reply = match error {
                     Some(error) => Reply::Result(Err(error)),
-                    None => Reply::Result(Ok(Payload {
-                        value: ok.unwrap_or(Value::Null),
-                        attachments,
-                    })),
+                    None if errors.is_empty() => Reply::Result(Ok(value)),
+                    None => Reply::Items(value, errors),
                 };
                 self.route_checked(id, reply)?;
             }

@@ -110,6 +110,46 @@ def power_of_two(n, negative=False):
 
 
 @handler
+def half(n):
+    """n / 2 for an even n; odd numbers raise ValueError (a map's per-item errors)."""
+    if n % 2:
+        raise ValueError("%d is odd" % n)
+    return n // 2
+
+
+@handler
+def spin(seconds):
+    """Keep the CPU busy for ``seconds`` without any call that blocks (so it may run on the
+    worker's reader thread)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+    return seconds
+
+
+_ACTIVE = {"now": 0, "peak": 0}
+_ALL_IN = None
+
+
+@handler
+async def meet(i):
+    """Wait until four calls are running at once (or 10 s), then return the most seen running
+    at once: a batch's async items run concurrently, up to max_in_flight."""
+    global _ALL_IN
+    if _ALL_IN is None:
+        _ALL_IN = asyncio.Event()
+    _ACTIVE["now"] += 1
+    _ACTIVE["peak"] = max(_ACTIVE["peak"], _ACTIVE["now"])
+    if _ACTIVE["now"] >= PYPOOL_MAX_IN_FLIGHT:
+        _ALL_IN.set()
+    try:
+        await asyncio.wait_for(_ALL_IN.wait(), 10)
+    finally:
+        _ACTIVE["now"] -= 1
+    return _ACTIVE["peak"]
+
+
+@handler
 def stderr_then_exit(code, line):
     sys.stderr.write(line + "\n")
     sys.stderr.flush()

@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use pool_core::{Affinity, CallOptions, Error, Launcher, Payload, Pool, PoolConfig, TimeoutKind};
+use pool_core::{
+    Affinity, CallOptions, Error, Launcher, MapOptions, Payload, Pool, PoolConfig, TimeoutKind,
+};
 use serde_json::json;
 
 /// The path of one of pool-testkit's Python apps (`conformance_app.py`, `broken_import_app.py`).
@@ -533,6 +535,156 @@ pub async fn reply_and_request_limits_spare_the_worker(target: &dyn Target) {
     finish(target, pool, vec![pid as u32]).await;
 }
 
+/// `map` runs a handler over many items in chunks: results come in input order (or with their
+/// positions, unordered), an item that raises fails alone, and the worker keeps serving.
+pub async fn map_in_order_with_per_item_errors(target: &dyn Target) {
+    let pool = start(target, config(target)).await;
+    let before = pids(&pool);
+    let results: Vec<_> = pool
+        .map("half", (0..1000).map(|n| json!({ "n": n })))
+        .collect()
+        .await;
+    assert_eq!(results.len(), 1000);
+    for (n, result) in results.into_iter().enumerate() {
+        match result {
+            Ok(reply) if n % 2 == 0 => assert_eq!(reply.value, json!(n / 2)),
+            Err(Error::Handler { error, .. }) if n % 2 == 1 => {
+                assert_eq!(error.kind, "ValueError");
+                assert_eq!(error.message, format!("{n} is odd"));
+            }
+            other => panic!("item {n}: unexpected {other:?}"),
+        }
+    }
+
+    let mut seen = vec![false; 300];
+    let mut results = pool.map_unordered_with(
+        "half",
+        (0..300).map(|n| json!({ "n": 2 * n })),
+        MapOptions::new().chunksize(7),
+    );
+    while let Some((index, result)) = results.next().await {
+        assert!(!seen[index], "item {index} reported twice");
+        seen[index] = true;
+        assert_eq!(ok(result).value, json!(index));
+    }
+    assert!(seen.iter().all(|s| *s), "some items never reported");
+
+    let results: Vec<_> = pool
+        .map_with(
+            "half",
+            (0..100).map(|n| json!({ "n": n })),
+            MapOptions::new().chunksize(10).stop_on_error(true),
+        )
+        .collect()
+        .await;
+    assert_eq!(results.len(), 2, "stop_on_error ends the map at item 1");
+    assert!(matches!(results[1], Err(Error::Handler { .. })));
+
+    let results: Vec<_> = pool
+        .map("hlaf", (0..100).map(|n| json!({ "n": n })))
+        .collect()
+        .await;
+    assert_eq!(results.len(), 1, "an unknown command fails the map once");
+    assert!(matches!(results[0], Err(Error::UnknownCommand { .. })));
+    assert_eq!(pids(&pool), before, "no worker may be lost to a map");
+    finish(target, pool, before).await;
+}
+
+/// A map's items carry bytes both ways (each item's attachments its own), a streaming handler's
+/// items come back as lists, and an async handler's items run concurrently up to the worker's
+/// `max_in_flight`.
+pub async fn map_carries_bytes_streams_and_async_items(target: &dyn Target) {
+    let pool = start(target, config(target).size(1)).await;
+    let blobs: Vec<Vec<u8>> = (0..20)
+        .map(|i| (0..i * 100).map(|b| (b % 251) as u8).collect())
+        .collect();
+    let items = blobs.clone().into_iter().map(|blob| {
+        let mut args = Payload::new(json!({}));
+        args.value["value"] = args.attach(Bytes::from(blob));
+        args
+    });
+    let results: Vec<_> = pool
+        .map_with("echo", items, MapOptions::new().chunksize(6))
+        .collect()
+        .await;
+    for (blob, result) in blobs.iter().zip(results) {
+        let reply = ok(result);
+        assert_eq!(reply.attachments.len(), 1, "{:?}", reply.value);
+        assert!(reply.as_bytes().map(|b| &b[..]) == Some(&blob[..]));
+    }
+
+    let lists: Vec<_> = pool
+        .map("stream", (0..5).map(|n| json!({ "n": n })))
+        .map(|result| ok(result).value)
+        .collect()
+        .await;
+    assert_eq!(
+        lists,
+        vec![
+            json!([]),
+            json!([0]),
+            json!([0, 1]),
+            json!([0, 1, 2]),
+            json!([0, 1, 2, 3])
+        ]
+    );
+
+    let peaks: Vec<_> = pool
+        .map_with(
+            "meet",
+            (0..8).map(|i| json!({ "i": i })),
+            MapOptions::new().chunksize(8),
+        )
+        .map(|result| ok(result).value)
+        .collect()
+        .await;
+    assert_eq!(
+        peaks.iter().filter_map(|p| p.as_u64()).max(),
+        Some(4),
+        "{peaks:?}"
+    );
+    finish(target, pool, Vec::new()).await;
+}
+
+/// Dropping a map cancels its chunk between two items: the worker answers CANCELLED and lives
+/// on (the items are CPU work on the worker's reader thread, which must still read the CANCEL).
+pub async fn map_dropped_mid_chunk_is_cancelled_between_items(target: &dyn Target) {
+    let pool = start(
+        target,
+        config(target).size(1).cancel_grace(Duration::from_secs(5)),
+    )
+    .await;
+    let before = pids(&pool);
+    let mut results = pool.map_with(
+        "spin",
+        (0..100).map(|_| json!({ "seconds": 0.1 })),
+        MapOptions::new().chunksize(100),
+    );
+    tokio::select! {
+        _ = results.next() => panic!("a chunk of 100 × 0.1 s finished"),
+        _ = async {
+            while pool.status().workers[0].in_flight == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        } => {}
+    }
+    drop(results);
+    while pool.status().workers[0].in_flight > 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        pool.stats().counters.killed,
+        0,
+        "the worker had to be killed"
+    );
+    assert_eq!(pids(&pool), before);
+    assert_eq!(
+        ok(pool.call("add", json!({"a": 1, "b": 2})).await).value,
+        json!(3)
+    );
+    finish(target, pool, before).await;
+}
+
 /// Expands to one `#[tokio::test]` per conformance case for `$target` (an expression whose type
 /// implements [`Target`]).
 #[macro_export]
@@ -555,6 +707,9 @@ macro_rules! conformance_suite {
             integers_beyond_64_bits_are_an_error_not_a_float,
             invalid_arguments_fail_only_their_call,
             reply_and_request_limits_spare_the_worker,
+            map_in_order_with_per_item_errors,
+            map_carries_bytes_streams_and_async_items,
+            map_dropped_mid_chunk_is_cancelled_between_items,
             shutdown_leaves_no_process,
             drop_leaves_no_process,
         );

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use pool_core::protocol::{self, Codec, Hello, Message, RemoteError};
+use pool_core::protocol::{self, Codec, Hello, ItemError, Message, RemoteError};
 use pool_core::{ExitInfo, LaunchError, Launched, Launcher, ProcessHandle, WorkerSpec};
 use serde_json::Value;
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -494,6 +494,7 @@ impl FakeWorker {
                     args,
                     session,
                     window,
+                    batch,
                     ..
                 } => {
                     self.registry.calls_seen.fetch_add(1, Ordering::SeqCst);
@@ -511,11 +512,13 @@ impl FakeWorker {
                             id,
                             ok: Some(value),
                             error: None,
+                            errors: Vec::new(),
                         };
                         let _ = events_tx.send(Event::Send(reply, Vec::new()));
                         continue;
                     }
                     let reply = match self.script.commands.get(&command) {
+                        Some(script) if batch => batch_reply(script.as_ref(), &call),
                         Some(script) => script(&call),
                         None => {
                             let mut known: Vec<_> = self.script.commands.keys().cloned().collect();
@@ -662,6 +665,19 @@ async fn perform(
                     id,
                     ok: Some(value),
                     error: None,
+                    errors: Vec::new(),
+                },
+                attachments,
+            ));
+        }
+        Action::Batch(items) => {
+            let (value, errors, attachments) = batch_result(items, &command);
+            let _ = events.send(Event::Send(
+                Message::Result {
+                    id,
+                    ok: Some(value),
+                    error: None,
+                    errors,
                 },
                 attachments,
             ));
@@ -678,6 +694,7 @@ async fn perform(
                     message,
                     traceback: Some(traceback),
                 }),
+                errors: Vec::new(),
             });
         }
         Action::Stream(items) => {
@@ -730,6 +747,122 @@ async fn perform(
         }
     }
     let _ = events.send(Event::Done(id));
+}
+
+/// The script's reply to each item of a batch call, as one reply: the items' latencies add up
+/// (the worker runs them one after another); an item that ends the worker (a crash, a hang,
+/// garbage) ends the batch there.
+fn batch_reply(
+    script: &(dyn Fn(&FakeCall) -> FakeReply + Send + Sync),
+    call: &FakeCall,
+) -> FakeReply {
+    let items = call.args.as_array().cloned().unwrap_or_default();
+    let mut latency = Duration::ZERO;
+    let mut cancellable = true;
+    let mut actions = Vec::with_capacity(items.len());
+    for args in items {
+        let (args, attachments) = localize(args, &call.attachments);
+        let reply = script(&FakeCall {
+            args,
+            attachments,
+            ..call.clone()
+        });
+        latency += reply.latency;
+        cancellable &= reply.cancellable;
+        match reply.action {
+            action @ (Action::Ok(..) | Action::Error { .. } | Action::Stream(_)) => {
+                actions.push(action)
+            }
+            Action::Endless | Action::Batch(_) => actions.push(Action::Error {
+                kind: "TypeError".into(),
+                message: "a batch item cannot be an endless stream".into(),
+            }),
+            ending => {
+                return FakeReply {
+                    action: ending,
+                    latency,
+                    cancellable: cancellable && reply.cancellable,
+                    flow_control: true,
+                }
+            }
+        }
+    }
+    FakeReply {
+        action: Action::Batch(actions),
+        latency,
+        cancellable,
+        flow_control: true,
+    }
+}
+
+/// A batch reply's list of values, its failed items and its attachments (each item's
+/// placeholders renumbered into the batch's list).
+fn batch_result(items: Vec<Action>, command: &str) -> (Value, Vec<ItemError>, Vec<Bytes>) {
+    let mut values = Vec::with_capacity(items.len());
+    let mut errors = Vec::new();
+    let mut attachments = Vec::new();
+    for (index, action) in items.into_iter().enumerate() {
+        match action {
+            Action::Ok(mut value, own) => {
+                shift_placeholders(&mut value, attachments.len());
+                attachments.extend(own);
+                values.push(value);
+            }
+            Action::Stream(items) => values.push(Value::Array(items)),
+            Action::Error { kind, message } => {
+                values.push(Value::Null);
+                errors.push(ItemError {
+                    index: index as u64,
+                    error: RemoteError {
+                        traceback: Some(format!(
+                            "Traceback (most recent call last):\n  File \"fake_app.py\", in {command}\n{kind}: {message}"
+                        )),
+                        kind,
+                        message,
+                    },
+                });
+            }
+            _ => values.push(Value::Null),
+        }
+    }
+    (Value::Array(values), errors, attachments)
+}
+
+/// One batch item's arguments with attachments of its own: the frame's attachments it refers
+/// to, its placeholders renumbered from 0.
+fn localize(mut args: Value, all: &[Bytes]) -> (Value, Vec<Bytes>) {
+    fn walk(value: &mut Value, all: &[Bytes], own: &mut Vec<Bytes>) {
+        if let Some(index) = pool_core::placeholder_index(value) {
+            if let Some(bytes) = all.get(index) {
+                own.push(bytes.clone());
+                *value = serde_json::json!({ protocol::ATTACHMENT_KEY: own.len() - 1 });
+            }
+            return;
+        }
+        match value {
+            Value::Array(items) => items.iter_mut().for_each(|v| walk(v, all, own)),
+            Value::Object(map) => map.values_mut().for_each(|v| walk(v, all, own)),
+            _ => {}
+        }
+    }
+    let mut own = Vec::new();
+    walk(&mut args, all, &mut own);
+    (args, own)
+}
+
+fn shift_placeholders(value: &mut Value, offset: usize) {
+    if offset == 0 {
+        return;
+    }
+    if let Some(index) = pool_core::placeholder_index(value) {
+        *value = serde_json::json!({ protocol::ATTACHMENT_KEY: index + offset });
+        return;
+    }
+    match value {
+        Value::Array(items) => items.iter_mut().for_each(|v| shift_placeholders(v, offset)),
+        Value::Object(map) => map.values_mut().for_each(|v| shift_placeholders(v, offset)),
+        _ => {}
+    }
 }
 
 /// Waits for the pool's credit to send one more stream item.

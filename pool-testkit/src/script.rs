@@ -49,6 +49,9 @@ pub enum Action {
     Hang,
     /// Send a frame that is not protocol, which makes the pool drop the worker.
     Garbage,
+    /// The reply to a batch call (a chunk of a map): one action per item, each `Ok`, `Error` or
+    /// `Stream` (collected into a list). The fake builds it from the script's reply to each item.
+    Batch(Vec<Action>),
 }
 
 /// A scripted reply: an action after some latency.
@@ -201,8 +204,9 @@ impl Default for Script {
 impl Script {
     /// The commands every fake worker knows unless overridden, mirroring the conformance app:
     /// `echo`, `noisy`, `add`, `fail`, `sleep` (seconds, not cancellable), `async_sleep`, `stream`
-    /// (n), `pid`, `exit` (code), `stderr_then_exit`, `kill_self`; `remember` / `recall` keep
-    /// per-session state in the worker.
+    /// (n), `half` (n; odd numbers fail), `spin` (seconds), `meet`, `pid`, `exit` (code),
+    /// `stderr_then_exit`, `kill_self`; `remember` / `recall` keep per-session state in the
+    /// worker.
     fn add_standard_commands(&mut self) {
         self.on("echo", |call| {
             let value = call
@@ -249,6 +253,22 @@ impl Script {
             let n = call.args["n"].as_u64().unwrap_or(0);
             FakeReply::stream((0..n).map(|i| json!(i)).collect())
         });
+        self.on("half", |call| {
+            let n = call.args["n"].as_u64().unwrap_or(0);
+            if n % 2 == 1 {
+                FakeReply::error("ValueError", &format!("{n} is odd"))
+            } else {
+                FakeReply::ok(json!(n / 2))
+            }
+        });
+        self.on("spin", |call| {
+            let seconds = call.args["seconds"].as_f64().unwrap_or(0.0);
+            FakeReply::ok(call.args["seconds"].clone())
+                .after(Duration::from_secs_f64(seconds.max(0.0)))
+        });
+        // The most calls seen running at once in the worker: a fake runs a batch's items one
+        // after another, but reports what the conformance app's async `meet` does.
+        self.on("meet", |_| FakeReply::ok(json!(4)));
         self.on("pid", |call| FakeReply::ok(json!(1000 + call.worker)));
         self.on("stderr_then_exit", |call| {
             FakeReply::crash(call.args["code"].as_i64().unwrap_or(1) as i32)

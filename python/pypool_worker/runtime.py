@@ -62,7 +62,7 @@ EXIT_OK = 0
 EXIT_STARTUP = 2
 EXIT_PROTOCOL = 3
 
-FEATURES = ["stream", "cancel", "async", "session_state", "flow"]
+FEATURES = ["stream", "cancel", "async", "session_state", "flow", "batch"]
 PARENT_POLL_SECONDS = 0.5
 # Error texts are capped so that one huge message cannot make the error itself unsendable.
 _MAX_ERROR_TEXT = 1 << 20
@@ -114,6 +114,8 @@ _KEEPS_READER_BUSY = frozenset((
 # Two inline calls in a row that take longer than this make their handler run on the sync thread
 # from then on: the reader must not be away from the channel for long.
 INLINE_BUDGET_SECONDS = 0.005
+# How often a batch running on the reader looks for incoming messages between its items.
+_BATCH_LOOK_SECONDS = 0.001
 
 
 def _inline_candidate(fn):
@@ -583,9 +585,9 @@ def _opt_str(msg, field):
 
 class _Call:
     __slots__ = ("id", "handler", "session_id", "session", "deadline", "ctx", "cancelled", "task",
-                 "on_loop", "uses_loop", "granted", "sent", "_credit")
+                 "on_loop", "uses_loop", "granted", "sent", "_credit", "batch")
 
-    def __init__(self, call_id, handler_, session_id, session, deadline, window):
+    def __init__(self, call_id, handler_, session_id, session, deadline, window, batch=None):
         self.id = call_id
         self.handler = handler_
         self.session_id = session_id
@@ -608,6 +610,8 @@ class _Call:
         # True once the call belongs to the loop (set before the loop is told about it), so a
         # cancel must go there too; a sync call that never returns an awaitable stays False.
         self.uses_loop = False
+        # For a batch call (a chunk of a map): how many items it has; None for a plain call.
+        self.batch = batch
 
     def cancel(self):
         """The pool cancelled the call (on the reader thread)."""
@@ -795,6 +799,7 @@ class Worker:
         session_id = get("session")
         timeout_ms = get("timeout_ms")
         window = get("window")
+        batch = get("batch")
         if type(call_id) is not int or call_id < 0:
             _u64(msg, "id")
         if type(command) is not str:
@@ -818,15 +823,24 @@ class Worker:
                 "traceback": None,
             }})
             return
+        args = get("args")
+        if batch:
+            if type(args) is not list:
+                self._reject_call(msg, "a batch call's args must be a list of the items' "
+                                       "arguments, not %s" % type(args).__name__)
+                return
+            batch = len(args)
+        else:
+            batch = None
         session = None if session_id is None else self._sessions.setdefault(session_id, {})
         deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000.0
-        call = _Call(call_id, handler_, session_id, session, deadline, window)
+        call = _Call(call_id, handler_, session_id, session, deadline, window, batch)
         calls[call_id] = call
         if handler_.on_loop:
             call.uses_loop = True
-            self._loop.call_soon_threadsafe(self._start_on_loop, call, get("args"), None)
+            self._loop.call_soon_threadsafe(self._start_on_loop, call, args, None)
         else:
-            self._local.append((call, get("args")))
+            self._local.append((call, args))
 
     # ---- sync calls on the reader (the fast path) ----------------------------------------
 
@@ -872,7 +886,10 @@ class Worker:
             pending = None
             self._send_error(call, exc)
         handler_ = call.handler
-        if time.perf_counter() - started > INLINE_BUDGET_SECONDS:
+        took = time.perf_counter() - started
+        if call.batch:
+            took /= call.batch  # a batch reads the channel between its items: judge one item
+        if took > INLINE_BUDGET_SECONDS:
             # Twice in a row: once may be the machine, not the handler (the thread was not
             # scheduled for a while).
             if handler_.slow_once:
@@ -1022,6 +1039,9 @@ class Worker:
         if call.cancelled:  # cancelled while queued behind another sync call
             self._send_cancelled(call)
             return None
+        if call.batch is not None:
+            self._run_batch_sync(call, args)
+            return None
         handler_ = call.handler
         try:
             if handler_.wants_ctx:
@@ -1050,6 +1070,105 @@ class Worker:
             return value
         self._send_result(call, value)
         return None
+
+    def _run_batch_sync(self, call, items):
+        """Run a sync handler once per item of a batch call and answer with all the results."""
+        handler_ = call.handler
+        fn = handler_.fn
+        wants_ctx = handler_.wants_ctx
+        # On the reader, whatever arrives meanwhile (a CANCEL, a PING) is read between items.
+        # (At most every millisecond: a poll per item would cost as much as a small handler.)
+        on_reader = get_ident() == self._reader_ident
+        pending = self._pending
+        clock = time.perf_counter
+        next_look = clock() + _BATCH_LOOK_SECONDS
+        results = []
+        errors = []
+        for index, args in enumerate(items):
+            if on_reader and clock() >= next_look:
+                if pending():
+                    self._read_pending()
+                next_look = clock() + _BATCH_LOOK_SECONDS
+            if call.cancelled:
+                self._send_cancelled(call)
+                return
+            try:
+                if wants_ctx:
+                    pos, kw = handler_.bind(args, call.context())
+                    value = fn(*pos, **kw)
+                else:
+                    kind = type(args)
+                    if kind is dict:
+                        value = fn(**args)
+                    elif kind is list:
+                        value = fn(*args)
+                    elif args is None:
+                        value = fn()
+                    else:
+                        value = fn(args)
+                if type(value) not in _PLAIN_RESULTS:
+                    value = self._settle_item(value)
+            except BaseException as exc:
+                if isinstance(exc, SystemExit) or (isinstance(exc, Cancelled) and call.cancelled):
+                    self._fail(call, exc)
+                    return
+                errors.append({"index": index, "error": error_info(exc)})
+                value = None
+            results.append(value)
+        self._send_batch(call, results, errors)
+
+    @staticmethod
+    def _settle_item(value):
+        """A batch item's result as a value: a stream is collected into a list, as a plain
+        call's is by the pool."""
+        if isinstance(value, types.GeneratorType):
+            try:
+                return list(value)
+            finally:
+                value.close()
+        if isinstance(value, (Awaitable, types.AsyncGeneratorType)):
+            if isinstance(value, types.CoroutineType):
+                value.close()
+            raise TypeError("the handler returned an awaitable, which a map cannot wait for "
+                            "from a sync handler; declare the handler 'async def'")
+        return value
+
+    def _send_batch(self, call, results, errors):
+        """Answer a batch call. An item whose result cannot be encoded fails alone."""
+        if not errors:
+            try:
+                self._emit(self._encode_result(call.id, results))
+                return
+            except Exception:
+                pass  # find the items at fault below
+        encode = self.channel.encode
+        header = {"type": "result", "id": call.id, "ok": results}
+        if errors:
+            header["errors"] = errors
+        try:
+            parts = encode(header)
+        except FrameTooLarge as exc:
+            exc.__traceback__ = None
+            self._send_error(call, exc, "the results of a batch of %d items do not fit in one "
+                                        "frame (%s); use a smaller chunksize" % (len(results), exc))
+            return
+        except Exception:
+            failed = {e["index"] for e in errors}
+            for index, value in enumerate(results):
+                if index in failed:
+                    continue
+                try:
+                    encode({"type": "chunk", "id": call.id, "seq": 0, "value": value})
+                except Exception as exc:
+                    exc.__traceback__ = None
+                    results[index] = None
+                    errors.append({"index": index, "error": error_info(
+                        exc, "cannot send the result of %s(): %s" % (call.handler.name, exc))})
+            errors.sort(key=lambda e: e["index"])
+            header["errors"] = errors
+            self._send_encoded_or_error(call, header, "results")
+            return
+        self._emit(parts)
 
     def _stream_sync(self, call, gen):
         seq = 0
@@ -1107,6 +1226,9 @@ class Worker:
                 obj.close()
             self._send_cancelled(call)
             return
+        if call.batch is not None and obj is None:
+            await self._run_batch_async(call, args)
+            return
         agen = None
         call.on_loop = True
         try:
@@ -1144,6 +1266,57 @@ class Worker:
                     await agen.aclose()
                 except BaseException as exc:
                     log("closing the stream of call %d raised %r" % (call.id, exc))
+
+    async def _run_batch_async(self, call, items):
+        """Run an async handler on every item of a batch call, at most max_in_flight at once,
+        and answer with all the results."""
+        import asyncio  # loaded: this is a coroutine running on it
+
+        handler_ = call.handler
+        ctx = call.context(self._loop) if handler_.wants_ctx else None
+        results = [None] * len(items)
+        errors = []
+        limit = asyncio.Semaphore(self.max_in_flight)
+
+        async def run_one(index, args):
+            async with limit:
+                try:
+                    pos, kw = handler_.bind(args, ctx)
+                    value = handler_.fn(*pos, **kw)
+                    if isinstance(value, types.AsyncGeneratorType):
+                        agen = value
+                        try:
+                            value = [item async for item in agen]
+                        finally:
+                            await agen.aclose()
+                    elif isinstance(value, Awaitable):
+                        value = await value
+                    elif isinstance(value, types.GeneratorType):
+                        value = self._settle_item(value)
+                    results[index] = value
+                except (asyncio.CancelledError, SystemExit):
+                    raise
+                except BaseException as exc:
+                    if isinstance(exc, Cancelled) and call.cancelled:
+                        raise
+                    errors.append({"index": index, "error": error_info(exc)})
+
+        call.on_loop = True
+        try:
+            await asyncio.gather(*[run_one(i, args) for i, args in enumerate(items)])
+        except asyncio.CancelledError:
+            call.on_loop = False
+            if not call.cancelled:
+                raise  # not the pool's cancel: the loop itself is going away
+            self._send_cancelled(call)
+            return
+        except BaseException as exc:
+            call.on_loop = False
+            self._fail(call, exc)
+            return
+        call.on_loop = False
+        errors.sort(key=lambda e: e["index"])
+        self._send_batch(call, results, errors)
 
     # ---- replies (any thread) ----------------------------------------------------------
 

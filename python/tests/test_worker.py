@@ -38,7 +38,7 @@ class HandshakeTest(unittest.TestCase):
         self.assertNotIn("some_function_name", hello["commands"])
         self.assertEqual(hello["max_in_flight"], 4)  # PYPOOL_MAX_IN_FLIGHT in the app
         self.assertEqual(sorted(hello["features"]),
-                         ["async", "cancel", "flow", "session_state", "stream"])
+                         ["async", "batch", "cancel", "flow", "session_state", "stream"])
         w.ok(1, "echo", [1])  # the "ready" line is logged after WELCOME, before any call runs
         self.assertIn("pypool_worker[w-test] ready", w.stderr())
 
@@ -319,6 +319,58 @@ class ConcurrencyAndCancelTest(unittest.TestCase):
     def test_cancelled_raised_without_cancel_is_an_error(self):
         error = self.w.result(1, "raise_cancelled")["error"]
         self.assertEqual(error["type"], "pypool_worker.Cancelled")
+
+
+class BatchTest(unittest.TestCase):
+    """Batch calls (a chunk of the pool's map): the handler runs once per item."""
+
+    def setUp(self):
+        self.w = WorkerProcess(self, args=["--max-in-flight", "4"])
+        self.w.handshake()
+
+    def test_every_item_answers_in_order_and_a_failing_item_fails_alone(self):
+        reply = self.w.result(1, "add", [[1, 2], {"a": 3, "b": 4}, [1], [5, 5]], batch=True)
+        self.assertEqual(reply["ok"], [3, 7, None, 10])
+        self.assertEqual([e["index"] for e in reply["errors"]], [2])
+        error = reply["errors"][0]["error"]
+        self.assertEqual(error["type"], "TypeError")
+        self.assertIn("add", error["traceback"])
+        self.assertEqual(self.w.ok(2, "echo", [2]), 2)
+
+    def test_bytes_travel_with_their_items(self):
+        items = [[b"a" * n] for n in (0, 1, 1000)] + [[{"k": b"\xff", "l": [b"x"]}]]
+        self.assertEqual(self.w.ok(1, "echo", items, batch=True),
+                         [b"", b"a", b"a" * 1000, {"k": b"\xff", "l": [b"x"]}])
+
+    def test_streams_are_collected_and_async_items_run_concurrently(self):
+        self.assertEqual(self.w.ok(1, "stream", [[0], [2], [3]], batch=True),
+                         [[], [0, 1], [0, 1, 2]])
+        self.assertEqual(self.w.ok(2, "astream", [[2]], batch=True),
+                         [[{"i": 0, "b": b"\x00"}, {"i": 1, "b": b"\x01"}]])
+        # Each item returns only once all four run at the same time.
+        self.assertEqual(self.w.ok(3, "rendezvous", [{"name": "b", "n": 4}] * 4, batch=True),
+                         ["b"] * 4)
+
+    def test_an_item_whose_result_cannot_be_sent_fails_alone(self):
+        reply = self.w.result(1, "unencodable_if", [[False], [True], [False]], batch=True)
+        self.assertEqual(reply["ok"], ["fine", None, "fine"])
+        self.assertEqual([e["index"] for e in reply["errors"]], [1])
+        self.assertIn("cannot send the result", reply["errors"][0]["error"]["message"])
+
+    def test_a_batch_whose_args_are_not_a_list_is_refused(self):
+        error = self.w.result(1, "echo", {"value": 1}, batch=True)["error"]
+        self.assertEqual(error["type"], "InvalidArguments")
+        self.assertEqual(self.w.ok(2, "echo", [2]), 2)
+
+    def test_a_cancel_stops_the_batch_between_items(self):
+        self.w.call(1, "gate", [["c"], ["c"], ["c"]], batch=True)
+        self.assertTrue(self.w.ok(2, "gate_started", ["c"]))
+        self.w.send({"type": "cancel", "id": 1})
+        self.w.call(3, "gate_release", ["c"])
+        replies = sorted((self.w.recv() for _ in range(2)), key=lambda r: r["id"])
+        self.assertEqual(replies, [{"type": "cancelled", "id": 1},
+                                   {"type": "result", "id": 3, "ok": True}])
+        self.assertEqual(self.w.ok(4, "echo", [4]), 4)
 
 
 class SyncOnlyAppTest(unittest.TestCase):

@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::lease::{CallStream, InFlight, Lease};
+use super::lease::{Answer, CallStream, InFlight, Lease};
 use super::state::{Target, Waiter};
 use super::{Outcome, Pool, Shared};
 use crate::config::Affinity;
@@ -99,6 +99,21 @@ impl Shared {
         args: Payload,
         options: CallOptions,
     ) -> Result<Payload, Error> {
+        self.exchange(caller, command, args, options, false)
+            .await
+            .map(|answer| answer.value)
+    }
+
+    /// One call from checkout to its final reply. A batch call (`batch`: `args` is the list of
+    /// the items' arguments) returns the list of results and the items that failed.
+    pub(crate) async fn exchange(
+        self: &Arc<Self>,
+        caller: Caller<'_>,
+        command: &str,
+        args: Payload,
+        options: CallOptions,
+        batch: bool,
+    ) -> Result<Answer, Error> {
         let context = self.context(caller.session_id(), command);
         // Debug level: a span per call costs more than the rest of the pool's work on a busy
         // pool, so it is there for whoever turns debug tracing on.
@@ -112,27 +127,29 @@ impl Shared {
         );
         async {
             let started = Instant::now();
-            let (result, took, registered) =
-                match self.begin(caller, &context, args, options, started).await {
-                    Err((err, registered)) => (Err(err), None, registered),
-                    Ok((mut flight, deadline, kind)) => {
-                        let result = match tokio::time::timeout_at(
-                            deadline,
-                            flight.collect(&context, self.config.max_reply_bytes),
-                        )
-                        .await
-                        {
-                            Ok(result) => result,
-                            Err(_) => Err(Error::Timeout {
-                                context: context.clone(),
-                                kind,
-                                waited: flight.waited(kind, started),
-                                worker: Some(flight.worker_id().to_owned()),
-                            }),
-                        };
-                        (result, Some(flight.sent_at().elapsed()), true)
-                    }
-                };
+            let (result, took, registered) = match self
+                .begin(caller, &context, args, options, started, batch)
+                .await
+            {
+                Err((err, registered)) => (Err(err), None, registered),
+                Ok((mut flight, deadline, kind)) => {
+                    let result = match tokio::time::timeout_at(
+                        deadline,
+                        flight.collect(&context, self.config.max_reply_bytes, batch),
+                    )
+                    .await
+                    {
+                        Ok(result) => result,
+                        Err(_) => Err(Error::Timeout {
+                            context: context.clone(),
+                            kind,
+                            waited: flight.waited(kind, started),
+                            worker: Some(flight.worker_id().to_owned()),
+                        }),
+                    };
+                    (result, Some(flight.sent_at().elapsed()), true)
+                }
+            };
             let outcome = match &result {
                 Ok(_) => Outcome::Ok,
                 Err(err) => Outcome::Failed(err),
@@ -154,7 +171,10 @@ impl Shared {
     ) -> Result<CallStream, Error> {
         let context = self.context(caller.session_id(), command);
         let started = Instant::now();
-        match self.begin(caller, &context, args, options, started).await {
+        match self
+            .begin(caller, &context, args, options, started, false)
+            .await
+        {
             Ok((flight, deadline, kind)) => Ok(CallStream::new(
                 flight,
                 context,
@@ -182,9 +202,15 @@ impl Shared {
         args: Payload,
         options: CallOptions,
         started: Instant,
+        batch: bool,
     ) -> Result<(InFlight, Instant, TimeoutKind), (Error, bool)> {
-        self.check_request(context, &args)
-            .map_err(|err| (err, false))?;
+        // A batch's items were checked one by one as the map packed them (and the frame's
+        // size is checked again when it is encoded).
+        let checked = match batch {
+            true => self.check_command(context),
+            false => self.check_request(context, &args),
+        };
+        checked.map_err(|err| (err, false))?;
         let target = match caller.session {
             Some((id, affinity)) => self
                 .session_target(id, affinity, caller.ended, context)
@@ -218,6 +244,7 @@ impl Shared {
             args,
             context.session.as_deref(),
             Some(deadline - now),
+            batch,
         ) {
             Ok((id, replies)) => {
                 span.record("call_id", id);
@@ -245,40 +272,54 @@ impl Shared {
     /// Refuses, before anything is queued or sent, a call that cannot work: an unknown command,
     /// arguments that cannot be sent, a frame larger than `max_frame`.
     fn check_request(&self, context: &CallContext, args: &Payload) -> Result<(), Error> {
-        {
-            let state = self.state.lock();
-            if !state.is_running() {
-                return Err(Error::ShuttingDown {
-                    context: context.clone(),
-                });
-            }
-            let known = state.commands();
-            if !known.is_empty()
-                && known
-                    .binary_search_by(|c| c.as_str().cmp(&context.command))
-                    .is_err()
-            {
-                return Err(Error::UnknownCommand {
-                    context: context.clone(),
-                    known: known.to_vec(),
-                    suggestion: closest(&context.command, known),
-                });
-            }
+        self.check_command(context)?;
+        self.check_args(context, args).map(|_| ())
+    }
+
+    /// Refuses calls when the pool is shutting down or the workers do not serve the command.
+    pub(crate) fn check_command(&self, context: &CallContext) -> Result<(), Error> {
+        let state = self.state.lock();
+        if !state.is_running() {
+            return Err(Error::ShuttingDown {
+                context: context.clone(),
+            });
         }
-        let overhead = CALL_OVERHEAD
+        let known = state.commands();
+        if !known.is_empty()
+            && known
+                .binary_search_by(|c| c.as_str().cmp(&context.command))
+                .is_err()
+        {
+            return Err(Error::UnknownCommand {
+                context: context.clone(),
+                known: known.to_vec(),
+                suggestion: closest(&context.command, known),
+            });
+        }
+        Ok(())
+    }
+
+    /// Bytes a CALL frame needs beyond its arguments.
+    pub(crate) fn call_overhead(context: &CallContext) -> usize {
+        CALL_OVERHEAD
             + context.command.len() * 6
-            + context.session.as_deref().map_or(0, |s| s.len() * 6);
+            + context.session.as_deref().map_or(0, |s| s.len() * 6)
+    }
+
+    /// Checks that `args` can be sent in a call of its own and returns an upper bound of their
+    /// encoded size (without the call's overhead).
+    pub(crate) fn check_args(&self, context: &CallContext, args: &Payload) -> Result<usize, Error> {
         match args.check(MAX_DEPTH) {
             Ok(size) => {
-                let size = size.saturating_add(overhead);
-                if size > self.config.max_frame {
+                let framed = size.saturating_add(Self::call_overhead(context));
+                if framed > self.config.max_frame {
                     return Err(Error::RequestTooLarge {
                         context: context.clone(),
-                        size,
+                        size: framed,
                         max: self.config.max_frame,
                     });
                 }
-                Ok(())
+                Ok(size)
             }
             Err(PayloadProblem::Placeholder(index)) => Err(Error::InvalidArguments {
                 context: context.clone(),

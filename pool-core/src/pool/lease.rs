@@ -15,6 +15,7 @@ use tokio::time::{Instant, Sleep};
 use super::{Outcome, Shared};
 use crate::error::{CallContext, Error, TimeoutKind, WorkerExit};
 use crate::payload::{placeholder_index, Payload};
+use crate::protocol::ItemError;
 use crate::stats::Metrics;
 use crate::worker::{Death, Reply, WorkerConn};
 
@@ -43,6 +44,26 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.shared.release(self.seq, self.sent);
+    }
+}
+
+/// A call's final reply.
+pub(crate) struct Answer {
+    /// The result; for a batch call, the list of the items' results.
+    pub value: Payload,
+    /// For a batch call: the items that failed.
+    pub failed: Vec<ItemError>,
+    /// For a batch call: the worker that answered (errors about its items name it).
+    pub worker: Option<String>,
+}
+
+impl Answer {
+    fn value(value: Payload) -> Self {
+        Answer {
+            value,
+            failed: Vec::new(),
+            worker: None,
+        }
     }
 }
 
@@ -124,11 +145,13 @@ impl InFlight {
     }
 
     /// Waits for the final reply and collects streamed items into a list, up to `max_bytes`.
+    /// A batch call's reply may carry per-item failures; any other call's may not.
     pub(super) async fn collect(
         &mut self,
         context: &CallContext,
         max_bytes: usize,
-    ) -> Result<Payload, Error> {
+        batch: bool,
+    ) -> Result<Answer, Error> {
         let mut chunks = Vec::new();
         let mut size = 0usize;
         loop {
@@ -139,12 +162,32 @@ impl InFlight {
                 let shared = self.lease.as_ref().map(|l| l.shared.clone());
                 self.finish();
                 return match reply {
-                    Some(Reply::End) => Ok(merge_chunks(chunks)),
-                    Some(other) => reply_error(other, context, &worker, shared.as_deref()),
+                    Some(Reply::End) if !batch => Ok(Answer::value(merge_chunks(chunks))),
+                    Some(Reply::Items(value, failed)) if batch => Ok(Answer {
+                        value,
+                        failed,
+                        worker: Some(worker),
+                    }),
+                    Some(other) => {
+                        reply_error(other, context, &worker, shared.as_deref()).map(|value| {
+                            Answer {
+                                value,
+                                failed: Vec::new(),
+                                worker: batch.then_some(worker),
+                            }
+                        })
+                    }
                     None => Err(channel_lost(context, &worker)),
                 };
             }
             if let Some(Reply::Chunk(chunk)) = reply {
+                if batch {
+                    return Err(Error::Protocol {
+                        context: context.clone(),
+                        worker: self.worker_id().to_owned(),
+                        message: "worker streamed items in reply to a batch call".into(),
+                    });
+                }
                 size = size.saturating_add(approximate_size(&chunk));
                 chunks.push(chunk);
                 if size > max_bytes {
@@ -195,7 +238,7 @@ async fn settle(lease: Lease, id: u64, mut replies: mpsc::Receiver<Reply>) {
                         Metrics::inc(&shared.metrics.late_replies);
                         lease.conn.send_credit(id, 1);
                     }
-                    Reply::End | Reply::Result(_) => {
+                    Reply::End | Reply::Result(_) | Reply::Items(..) => {
                         // The call finished after its caller left: nobody gets this reply.
                         Metrics::inc(&shared.metrics.late_replies);
                         return true;
@@ -241,6 +284,11 @@ pub(super) fn reply_error(
             context: context.clone(),
             worker: worker.to_owned(),
             message: "unexpected stream message".into(),
+        }),
+        Reply::Items(..) => Err(Error::Protocol {
+            context: context.clone(),
+            worker: worker.to_owned(),
+            message: "worker sent per-item errors in reply to a call that is not a batch".into(),
         }),
     }
 }

@@ -6,6 +6,7 @@ mod call;
 mod launch;
 mod lease;
 mod maintenance;
+mod map;
 mod sessions;
 mod state;
 mod status;
@@ -24,6 +25,7 @@ use tokio_util::task::TaskTracker;
 pub use call::CallOptions;
 pub(crate) use call::Caller;
 pub use lease::CallStream;
+pub use map::{MapOptions, MapStream, MapUnordered};
 pub use sessions::SessionEvent;
 
 use crate::config::PoolConfig;

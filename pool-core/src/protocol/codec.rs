@@ -346,7 +346,7 @@ fn integer_beyond_64_bits(json: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{Hello, RemoteError};
+    use crate::protocol::{Hello, ItemError, RemoteError};
     use serde_json::json;
 
     fn all_messages() -> Vec<Message> {
@@ -378,12 +378,36 @@ mod tests {
                 session: Some("s".into()),
                 timeout_ms: Some(5),
                 window: Some(16),
+                batch: false,
+            },
+            Message::Call {
+                id: 8,
+                command: "score".into(),
+                args: json!([1, 2, 3]),
+                session: None,
+                timeout_ms: None,
+                window: Some(16),
+                batch: true,
             },
             Message::Credit { id: 7, n: 8 },
             Message::Result {
                 id: 7,
                 ok: Some(json!(1)),
                 error: None,
+                errors: Vec::new(),
+            },
+            Message::Result {
+                id: 8,
+                ok: Some(json!([1, null, 3])),
+                error: None,
+                errors: vec![ItemError {
+                    index: 1,
+                    error: RemoteError {
+                        kind: "ValueError".into(),
+                        message: "no".into(),
+                        traceback: None,
+                    },
+                }],
             },
             Message::Chunk {
                 id: 7,
@@ -430,6 +454,7 @@ mod tests {
             session: None,
             timeout_ms: None,
             window: None,
+            batch: false,
         };
         let body = encode(&msg, Codec::Json, &[Bytes::from_static(b"\x00\x01")]).unwrap();
         let header = br#"{"type":"call","id":7,"command":"echo","args":{"data":{"__pypool_att__":0}},"att":[2]}"#;

@@ -22,6 +22,15 @@ impl std::fmt::Display for RemoteError {
     }
 }
 
+/// One failed item of a batch call: its 0-based position in the batch and its error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemError {
+    /// Position of the item in the batch's `args`.
+    pub index: u64,
+    /// What the handler raised for that item.
+    pub error: RemoteError,
+}
+
 /// The worker's introduction: the first message on a channel (after AUTH where there is one).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
@@ -107,6 +116,11 @@ pub enum Message {
         /// Flow control: how many stream items the worker may send before it needs CREDIT.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         window: Option<u32>,
+        /// A batch (one chunk of a map): `args` is a list, the handler runs once per item, and
+        /// the RESULT's `ok` is the list of their results, with `errors` for the items that
+        /// failed.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        batch: bool,
     },
     /// Pool → worker: the consumer took `n` more stream items of call `id`; the worker may send
     /// that many more.
@@ -126,6 +140,9 @@ pub enum Message {
         /// The error, when it failed.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<RemoteError>,
+        /// For a batch: the items that failed (their places in `ok` hold `null`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        errors: Vec<ItemError>,
     },
     /// Worker → pool: one streamed item.
     Chunk {

@@ -13,7 +13,7 @@ mod message;
 
 pub use codec::{decode, encode, Codec, ProtocolError};
 pub use framed::{channel_from_io, FramedReceiver, FramedSender};
-pub use message::{Hello, Message, RemoteError, Welcome};
+pub use message::{Hello, ItemError, Message, RemoteError, Welcome};
 
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u64 = 2;

@@ -227,6 +227,11 @@ def unencodable():
 
 
 @handler
+def unencodable_if(flag):
+    return {1, 2} if flag else "fine"
+
+
+@handler
 def not_a_number():
     return float("nan")
 

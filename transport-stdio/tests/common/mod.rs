@@ -80,6 +80,7 @@ pub async fn call(
                 id: reply_id,
                 ok,
                 error: None,
+                ..
             },
             attachments,
         )) => {
@@ -105,6 +106,7 @@ pub async fn call_only(
         session: None,
         timeout_ms: None,
         window: None,
+        batch: false,
     };
     send(channel, &msg, attachments).await;
 }

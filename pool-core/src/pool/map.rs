@@ -1,0 +1,770 @@
+//! `Pool::map` and `Pool::map_unordered`: many calls of one command, packed into chunks that
+//! each travel as one batch CALL, with a bounded number of chunks in flight.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::num::NonZeroUsize;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::stream::{FuturesOrdered, FuturesUnordered};
+use futures::{Stream, StreamExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::time::Instant;
+
+use super::call::{CallOptions, Caller};
+use super::{Pool, Shared};
+use crate::error::{CallContext, Error, TimeoutKind};
+use crate::payload::{placeholder_index, Payload};
+use crate::protocol::ATTACHMENT_KEY;
+
+/// The largest chunk the pool picks by itself: larger ones delay the first results and hold
+/// more replies in memory for little gain (per-frame costs are already small at this size).
+const MAX_AUTO_CHUNK: usize = 1024;
+
+/// For inputs of unknown length, chunks grow until one takes about this long from checkout to
+/// reply: long enough that per-frame costs vanish, short enough that workers share the tail of
+/// the input evenly.
+const AUTO_CHUNK_TARGET: Duration = Duration::from_millis(5);
+
+/// Chunks in flight at least, whatever the pool's size: enough for prefetch to keep a worker
+/// busy while the replies of its previous chunks travel.
+const MIN_CHUNKS_IN_FLIGHT: usize = 8;
+
+/// How a map is run: chunk size, chunks in flight, deadline, and what an item's failure does.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use pool_core::MapOptions;
+///
+/// let options = MapOptions::new()
+///     .chunksize(100)
+///     .chunks_in_flight(4)
+///     .timeout(Duration::from_secs(30))
+///     .stop_on_error(true);
+/// assert_eq!(options.get_chunksize(), Some(100));
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MapOptions {
+    chunksize: Option<NonZeroUsize>,
+    chunks_in_flight: Option<NonZeroUsize>,
+    deadline: Option<Instant>,
+    stop_on_error: bool,
+}
+
+impl MapOptions {
+    /// Automatic chunk size, automatic chunks in flight, no deadline, every item reported.
+    pub fn new() -> Self {
+        MapOptions::default()
+    }
+
+    /// Items per chunk (one frame, one batch call; the worker iterates the chunk). A chunk is
+    /// also closed early when it would exceed the pool's `max_frame`. `0` means automatic.
+    ///
+    /// Automatic: for an input whose length is known (its iterator's exact `size_hint`), like
+    /// `multiprocessing.Pool.map`, `len / (4 × workers)` rounded up, at most 1024; for any other
+    /// input, chunks start at one item and grow (at most doubling) while a chunk takes less
+    /// than about 5 ms, at most 1024.
+    pub fn chunksize(mut self, items: usize) -> Self {
+        self.chunksize = NonZeroUsize::new(items);
+        self
+    }
+
+    /// The chunk size set with [`chunksize`](Self::chunksize), `None` for automatic.
+    pub fn get_chunksize(&self) -> Option<usize> {
+        self.chunksize.map(NonZeroUsize::get)
+    }
+
+    /// Chunks sent or waiting for a worker at once: this bounds the map's memory (items read
+    /// ahead of the results, results held back for order) and its share of the pool's queue,
+    /// which it shares first-come first-served with every other caller. `0` means automatic:
+    /// twice the pool's `size`, at least 8.
+    pub fn chunks_in_flight(mut self, chunks: usize) -> Self {
+        self.chunks_in_flight = NonZeroUsize::new(chunks);
+        self
+    }
+
+    /// Sets an absolute deadline for the whole map: each chunk's call carries it, and once it
+    /// passes the map ends with [`Error::Timeout`] ([`TimeoutKind::Deadline`]).
+    pub fn deadline(mut self, deadline: Instant) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// Sets a deadline `timeout` from now.
+    pub fn timeout(self, timeout: Duration) -> Self {
+        self.deadline(Instant::now() + timeout)
+    }
+
+    /// `true`: the first failed item ends the map (the stream yields that error and ends;
+    /// chunks in flight are cancelled). `false` (the default): every item gets its own result.
+    pub fn stop_on_error(mut self, stop: bool) -> Self {
+        self.stop_on_error = stop;
+        self
+    }
+}
+
+/// An input item: its arguments, or why they cannot be sent (reported as its result).
+type Item = Result<Payload, Error>;
+type Items = Box<dyn Iterator<Item = Item> + Send>;
+type ChunkFuture = Pin<Box<dyn Future<Output = ChunkDone> + Send>>;
+
+/// One item's place in a chunk: arguments to send, or its error, known before sending.
+enum Slot {
+    Send(Payload),
+    Failed(Error),
+}
+
+/// Consecutive items of the input, from `start`.
+struct Chunk {
+    start: usize,
+    slots: Vec<Slot>,
+}
+
+/// A chunk's results, in input order, or the failure that ends the whole map.
+struct ChunkDone {
+    start: usize,
+    results: Vec<Result<Payload, Error>>,
+    fatal: Option<Error>,
+    /// Items that were sent, and how long the chunk took from checkout to reply.
+    sent: usize,
+    took: Duration,
+}
+
+/// How big the next chunk is.
+enum Sizing {
+    Fixed(usize),
+    /// Unknown input length: grows from 1 towards [`AUTO_CHUNK_TARGET`].
+    Adaptive {
+        last: usize,
+        per_item: Option<Duration>,
+    },
+}
+
+impl Sizing {
+    fn new(options: &MapOptions, hint: (usize, Option<usize>), workers: usize) -> Self {
+        if let Some(size) = options.chunksize {
+            return Sizing::Fixed(size.get());
+        }
+        match hint {
+            (lower, Some(upper)) if lower == upper => {
+                Sizing::Fixed(lower.div_ceil(4 * workers.max(1)).clamp(1, MAX_AUTO_CHUNK))
+            }
+            _ => Sizing::Adaptive {
+                last: 1,
+                per_item: None,
+            },
+        }
+    }
+
+    fn next(&mut self) -> usize {
+        match self {
+            Sizing::Fixed(size) => *size,
+            Sizing::Adaptive { last, per_item } => {
+                let wanted = match per_item {
+                    Some(per_item) if !per_item.is_zero() => {
+                        (AUTO_CHUNK_TARGET.as_nanos() / per_item.as_nanos()).max(1) as usize
+                    }
+                    Some(_) => MAX_AUTO_CHUNK,
+                    None => 1,
+                };
+                *last = wanted.min(last.saturating_mul(2)).clamp(1, MAX_AUTO_CHUNK);
+                *last
+            }
+        }
+    }
+
+    /// Learns from a finished chunk how long an item takes (queueing included, which keeps
+    /// chunks on the small side when the pool is busy).
+    fn learn(&mut self, sent: usize, took: Duration) {
+        if let Sizing::Adaptive { per_item, .. } = self {
+            if sent == 0 {
+                return;
+            }
+            let sample = took / sent as u32;
+            *per_item = Some(match *per_item {
+                None => sample,
+                Some(old) => (old * 3 + sample) / 4,
+            });
+        }
+    }
+}
+
+/// The chunks a map has in flight: in input order or in completion order.
+trait ChunkQueue: Stream<Item = ChunkDone> + Unpin + Send {
+    fn add(&mut self, chunk: ChunkFuture);
+    fn running(&self) -> usize;
+    fn cancel_all(&mut self);
+}
+
+impl ChunkQueue for FuturesOrdered<ChunkFuture> {
+    fn add(&mut self, chunk: ChunkFuture) {
+        self.push_back(chunk);
+    }
+    fn running(&self) -> usize {
+        self.len()
+    }
+    fn cancel_all(&mut self) {
+        // Dropping a chunk's call cancels it at its worker.
+        *self = FuturesOrdered::new();
+    }
+}
+
+impl ChunkQueue for FuturesUnordered<ChunkFuture> {
+    fn add(&mut self, chunk: ChunkFuture) {
+        self.push(chunk);
+    }
+    fn running(&self) -> usize {
+        self.len()
+    }
+    fn cancel_all(&mut self) {
+        self.clear();
+    }
+}
+
+/// What both map streams share: reading the input into chunks, running them, and collecting
+/// their results.
+struct Driver<Q> {
+    /// Keeps the pool alive while the map runs.
+    pool: Pool,
+    context: CallContext,
+    items: Option<Items>,
+    next_index: usize,
+    /// An item read for a chunk it did not fit in (by bytes): the next chunk starts with it.
+    held: Option<(usize, Payload, usize)>,
+    sizing: Sizing,
+    chunks_in_flight: usize,
+    deadline: Option<Instant>,
+    stop_on_error: bool,
+    checked: bool,
+    running: Q,
+    ready: VecDeque<(usize, Result<Payload, Error>)>,
+    done: bool,
+}
+
+impl<Q: ChunkQueue + Default> Driver<Q> {
+    fn new(pool: &Pool, command: &str, items: Items, options: MapOptions) -> Self {
+        let shared = pool.shared();
+        let workers = shared.config.size.max(1);
+        Driver {
+            context: shared.context(None, command),
+            sizing: Sizing::new(&options, items.size_hint(), workers),
+            chunks_in_flight: options
+                .chunks_in_flight
+                .map_or((2 * workers).max(MIN_CHUNKS_IN_FLIGHT), NonZeroUsize::get),
+            deadline: options.deadline,
+            stop_on_error: options.stop_on_error,
+            pool: pool.clone(),
+            items: Some(items),
+            next_index: 0,
+            held: None,
+            checked: false,
+            running: Q::default(),
+            ready: VecDeque::new(),
+            done: false,
+        }
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<(usize, Result<Payload, Error>)>> {
+        loop {
+            if let Some(item) = self.ready.pop_front() {
+                return Poll::Ready(Some(item));
+            }
+            if self.done {
+                return Poll::Ready(None);
+            }
+            if !self.checked {
+                self.checked = true;
+                // A command no worker serves, or a pool shutting down, fails the map once,
+                // not once per item.
+                if let Err(err) = self.pool.shared().check_command(&self.context) {
+                    self.end_with(err);
+                    continue;
+                }
+            }
+            while self.running.running() < self.chunks_in_flight {
+                match self.next_chunk() {
+                    Some(chunk) => self.running.add(Box::pin(run_chunk(
+                        self.pool.shared().clone(),
+                        self.context.clone(),
+                        chunk,
+                        self.deadline,
+                    ))),
+                    None => break,
+                }
+            }
+            match self.running.poll_next_unpin(cx) {
+                Poll::Ready(Some(done)) => self.take(done),
+                Poll::Ready(None) => {
+                    if self.items.is_none() && self.held.is_none() {
+                        self.done = true;
+                    }
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn take(&mut self, done: ChunkDone) {
+        if let Some(fatal) = done.fatal {
+            self.end_with(fatal);
+            return;
+        }
+        self.sizing.learn(done.sent, done.took);
+        for (offset, result) in done.results.into_iter().enumerate() {
+            let failed = result.is_err();
+            self.ready.push_back((done.start + offset, result));
+            if failed && self.stop_on_error {
+                // The error is the last thing the stream yields.
+                self.end();
+                return;
+            }
+        }
+    }
+
+    /// The map as a whole failed: the stream yields `err` after what is ready and ends.
+    fn end_with(&mut self, err: Error) {
+        self.ready.push_back((self.next_index, Err(err)));
+        self.end();
+    }
+
+    fn end(&mut self) {
+        self.done = true;
+        self.items = None;
+        self.held = None;
+        self.running.cancel_all();
+    }
+
+    /// Reads the next chunk from the input: up to the chunk size, and no more bytes than one
+    /// frame holds. Items that cannot be sent at all are failed here, in their places.
+    fn next_chunk(&mut self) -> Option<Chunk> {
+        let shared = self.pool.shared().clone();
+        let max_items = self.sizing.next();
+        let max_bytes = shared
+            .config
+            .max_frame
+            .saturating_sub(Shared::call_overhead(&self.context));
+        let mut slots = Vec::new();
+        let mut bytes = 0usize;
+        let mut start = None;
+        while slots.len() < max_items {
+            let (index, slot, size) = match self.held.take() {
+                Some((index, payload, size)) => (index, Slot::Send(payload), size),
+                None => {
+                    let Some(items) = self.items.as_mut() else {
+                        break;
+                    };
+                    let Some(item) = items.next() else {
+                        self.items = None;
+                        break;
+                    };
+                    let index = self.next_index;
+                    self.next_index += 1;
+                    match item.and_then(|p| shared.check_args(&self.context, &p).map(|s| (p, s))) {
+                        Ok((payload, size)) => (index, Slot::Send(payload), size),
+                        Err(err) => (index, Slot::Failed(err), 0),
+                    }
+                }
+            };
+            let size = size.saturating_add(1);
+            if let Slot::Send(payload) = slot {
+                if !slots.is_empty() && bytes.saturating_add(size) > max_bytes {
+                    self.held = Some((index, payload, size - 1));
+                    break;
+                }
+                bytes = bytes.saturating_add(size);
+                slots.push(Slot::Send(payload));
+            } else {
+                slots.push(slot);
+            }
+            start.get_or_insert(index);
+        }
+        Some(Chunk {
+            start: start?,
+            slots,
+        })
+    }
+}
+
+/// Whether a chunk's failure ends the whole map: it would fail every other chunk the same way.
+fn ends_the_map(err: &Error) -> bool {
+    matches!(
+        err,
+        Error::UnknownCommand { .. }
+            | Error::ShuttingDown { .. }
+            | Error::Timeout {
+                kind: TimeoutKind::Deadline,
+                ..
+            }
+    )
+}
+
+async fn run_chunk(
+    shared: Arc<Shared>,
+    context: CallContext,
+    chunk: Chunk,
+    deadline: Option<Instant>,
+) -> ChunkDone {
+    let started = Instant::now();
+    let count = chunk.slots.len();
+    let mut results: Vec<Option<Result<Payload, Error>>> = Vec::with_capacity(count);
+    let mut sent_at = Vec::with_capacity(count); // position in the chunk of each item sent
+    let mut values = Vec::with_capacity(count);
+    let mut attachments = Vec::new();
+    for (position, slot) in chunk.slots.into_iter().enumerate() {
+        match slot {
+            Slot::Failed(err) => results.push(Some(Err(err))),
+            Slot::Send(payload) => {
+                let mut value = payload.value;
+                if !payload.attachments.is_empty() {
+                    let offset = attachments.len();
+                    renumber(&mut value, &mut |index| Some(index + offset));
+                    attachments.extend(payload.attachments);
+                }
+                values.push(value);
+                sent_at.push(position);
+                results.push(None);
+            }
+        }
+    }
+    let sent = sent_at.len();
+    let mut fatal = None;
+    if sent > 0 {
+        let batch = Payload {
+            value: Value::Array(values),
+            attachments,
+        };
+        let options = CallOptions { deadline };
+        match shared
+            .exchange(Caller::POOL, &context.command, batch, options, true)
+            .await
+        {
+            Ok(answer) => {
+                let worker = answer.worker.unwrap_or_default();
+                match split(answer.value, sent) {
+                    Ok(parts) => {
+                        for (position, part) in sent_at.iter().zip(parts) {
+                            results[*position] = Some(Ok(part));
+                        }
+                        for failure in answer.failed {
+                            let position = usize::try_from(failure.index)
+                                .ok()
+                                .and_then(|i| sent_at.get(i));
+                            if let Some(position) = position {
+                                results[*position] = Some(Err(Error::Handler {
+                                    context: context.clone(),
+                                    worker: worker.clone(),
+                                    error: Box::new(failure.error),
+                                }));
+                            }
+                        }
+                    }
+                    Err(message) => {
+                        let err = Error::Protocol {
+                            context: context.clone(),
+                            worker,
+                            message,
+                        };
+                        for position in &sent_at {
+                            results[*position] = Some(Err(err.clone()));
+                        }
+                    }
+                }
+            }
+            Err(err) if ends_the_map(&err) => fatal = Some(err),
+            Err(err) => {
+                for position in &sent_at {
+                    results[*position] = Some(Err(err.clone()));
+                }
+            }
+        }
+    }
+    ChunkDone {
+        start: chunk.start,
+        // Every place was filled above: failed before sending, or by the reply or its failure.
+        results: results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(missing(&context))))
+            .collect(),
+        fatal,
+        sent,
+        took: started.elapsed(),
+    }
+}
+
+fn missing(context: &CallContext) -> Error {
+    Error::Protocol {
+        context: context.clone(),
+        worker: String::new(),
+        message: "the batch reply has no result for this item".into(),
+    }
+}
+
+/// Splits a batch reply (a list with one result per item sent) into the items' payloads, each
+/// with the attachments its placeholders refer to.
+fn split(reply: Payload, expected: usize) -> Result<Vec<Payload>, String> {
+    let Value::Array(values) = reply.value else {
+        return Err("the worker answered a batch call with something other than a list".into());
+    };
+    if values.len() != expected {
+        return Err(format!(
+            "the worker answered a batch of {expected} items with {} results",
+            values.len()
+        ));
+    }
+    if reply.attachments.is_empty() {
+        return Ok(values.into_iter().map(Payload::new).collect());
+    }
+    let all = reply.attachments;
+    let mut parts = Vec::with_capacity(expected);
+    for mut value in values {
+        let mut own = Vec::new();
+        let mut local: Vec<(usize, usize)> = Vec::new(); // (index in the reply, index here)
+        let mut dangling = false;
+        renumber(&mut value, &mut |index| {
+            if let Some(&(_, mine)) = local.iter().find(|(theirs, _)| *theirs == index) {
+                return Some(mine);
+            }
+            let Some(bytes) = all.get(index) else {
+                dangling = true;
+                return None;
+            };
+            own.push(bytes.clone());
+            local.push((index, own.len() - 1));
+            Some(own.len() - 1)
+        });
+        if dangling {
+            return Err("a result refers to an attachment the reply does not have".into());
+        }
+        parts.push(Payload {
+            value,
+            attachments: own,
+        });
+    }
+    Ok(parts)
+}
+
+/// Rewrites every attachment placeholder in `value` through `map` (a placeholder `map` has no
+/// answer for is left as it is).
+fn renumber(value: &mut Value, map: &mut impl FnMut(usize) -> Option<usize>) {
+    if let Some(index) = placeholder_index(value) {
+        if let Some(new) = map(index) {
+            *value = serde_json::json!({ ATTACHMENT_KEY: new });
+        }
+        return;
+    }
+    match value {
+        Value::Array(items) => items.iter_mut().for_each(|item| renumber(item, map)),
+        Value::Object(fields) => fields.values_mut().for_each(|item| renumber(item, map)),
+        _ => {}
+    }
+}
+
+/// The results of [`Pool::map`], one per input item, in input order.
+///
+/// The map runs while the stream is polled: it reads items only as chunks can be sent (the
+/// input may be endless), keeps at most `chunks_in_flight` chunks outstanding, and holds back
+/// at most that many chunks' results to keep order. Dropping the stream cancels the chunks in
+/// flight (their workers are sent CANCEL, as for any abandoned call).
+pub struct MapStream {
+    driver: Driver<FuturesOrdered<ChunkFuture>>,
+}
+
+impl Stream for MapStream {
+    type Item = Result<Payload, Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.driver
+            .poll_next(cx)
+            .map(|item| item.map(|(_, result)| result))
+    }
+}
+
+impl std::fmt::Debug for MapStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MapStream")
+            .field("command", &self.driver.context.command)
+            .field("read", &self.driver.next_index)
+            .field("chunks_in_flight", &self.driver.running.len())
+            .finish()
+    }
+}
+
+/// The results of [`Pool::map_unordered`], one per input item as it completes, each with the
+/// item's 0-based position in the input.
+///
+/// Like [`MapStream`], but a slow chunk does not hold back the others' results.
+pub struct MapUnordered {
+    driver: Driver<FuturesUnordered<ChunkFuture>>,
+}
+
+impl Stream for MapUnordered {
+    type Item = (usize, Result<Payload, Error>);
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.driver.poll_next(cx)
+    }
+}
+
+impl std::fmt::Debug for MapUnordered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MapUnordered")
+            .field("command", &self.driver.context.command)
+            .field("read", &self.driver.next_index)
+            .field("chunks_in_flight", &self.driver.running.len())
+            .finish()
+    }
+}
+
+fn boxed<I>(items: I) -> Items
+where
+    I: IntoIterator,
+    I::Item: Into<Payload>,
+    I::IntoIter: Send + 'static,
+{
+    Box::new(items.into_iter().map(|item| Ok(item.into())))
+}
+
+impl Pool {
+    /// Calls `command` once per item and yields the results in input order.
+    ///
+    /// Items travel in chunks: one frame and one batch call carries many items, and the worker
+    /// runs the handler on each in turn (an async handler's items run concurrently), so a
+    /// million small items cost about a thousand round trips, not a million. Each chunk is an
+    /// ordinary call for the pool: it waits its turn in the queue with every other caller,
+    /// `call_timeout` limits it, and a chunk lost with its worker fails its items with
+    /// [`Error::WorkerCrashed`] (the items are not retried: the pool cannot know whether they
+    /// ran).
+    ///
+    /// Each item gets its own result: a handler that raises for one item fails that item only.
+    /// The map as a whole fails — the stream yields that one error and ends — when the command
+    /// is unknown, the pool shuts down, or the map's deadline passes. See [`MapOptions`] for
+    /// chunk size, memory bounds and stopping at the first error.
+    ///
+    /// A streaming handler's items are collected into a list, as with [`call`](Pool::call).
+    /// The statistics count each chunk as one call.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # async fn demo(pool: pool_core::Pool) -> pool_core::Result<()> {
+    /// use futures::StreamExt;
+    /// use serde_json::json;
+    ///
+    /// let mut results = pool.map("square", (0..10_000).map(|i| json!(i)));
+    /// while let Some(result) = results.next().await {
+    ///     let squared = result?;
+    ///     # let _ = squared;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn map<I>(&self, command: &str, items: I) -> MapStream
+    where
+        I: IntoIterator,
+        I::Item: Into<Payload>,
+        I::IntoIter: Send + 'static,
+    {
+        self.map_with(command, items, MapOptions::default())
+    }
+
+    /// [`map`](Pool::map) with options.
+    pub fn map_with<I>(&self, command: &str, items: I, options: MapOptions) -> MapStream
+    where
+        I: IntoIterator,
+        I::Item: Into<Payload>,
+        I::IntoIter: Send + 'static,
+    {
+        MapStream {
+            driver: Driver::new(self, command, boxed(items), options),
+        }
+    }
+
+    /// Like [`map`](Pool::map), but yields each result as soon as its chunk is back, with the
+    /// item's position in the input.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # async fn demo(pool: pool_core::Pool) {
+    /// use futures::StreamExt;
+    /// use serde_json::json;
+    ///
+    /// let mut squares = vec![None; 100];
+    /// let mut results = pool.map_unordered("square", (0..100).map(|i| json!(i)));
+    /// while let Some((index, result)) = results.next().await {
+    ///     squares[index] = result.ok();
+    /// }
+    /// # }
+    /// ```
+    pub fn map_unordered<I>(&self, command: &str, items: I) -> MapUnordered
+    where
+        I: IntoIterator,
+        I::Item: Into<Payload>,
+        I::IntoIter: Send + 'static,
+    {
+        self.map_unordered_with(command, items, MapOptions::default())
+    }
+
+    /// [`map_unordered`](Pool::map_unordered) with options.
+    pub fn map_unordered_with<I>(
+        &self,
+        command: &str,
+        items: I,
+        options: MapOptions,
+    ) -> MapUnordered
+    where
+        I: IntoIterator,
+        I::Item: Into<Payload>,
+        I::IntoIter: Send + 'static,
+    {
+        MapUnordered {
+            driver: Driver::new(self, command, boxed(items), options),
+        }
+    }
+
+    /// [`map`](Pool::map) with any `serde` values as arguments, deserializing each result into
+    /// `R`. An item that cannot be serialized, or a result that does not deserialize into `R`,
+    /// fails that item with [`Error::Codec`].
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # async fn demo(pool: pool_core::Pool) -> pool_core::Result<()> {
+    /// use futures::TryStreamExt;
+    ///
+    /// let squares: Vec<u64> = pool
+    ///     .map_as::<u64, _, _>("square", 0..1000u64, pool_core::MapOptions::new())
+    ///     .try_collect()
+    ///     .await?;
+    /// assert_eq!(squares.len(), 1000);
+    /// # Ok(()) }
+    /// ```
+    pub fn map_as<R, T, I>(
+        &self,
+        command: &str,
+        items: I,
+        options: MapOptions,
+    ) -> impl Stream<Item = Result<R, Error>> + Send + 'static
+    where
+        I: IntoIterator<Item = T>,
+        I::IntoIter: Send + 'static,
+        T: Serialize,
+        R: DeserializeOwned,
+    {
+        let items: Items = Box::new(
+            items
+                .into_iter()
+                .map(|item| Payload::from_serialize(&item).map_err(Error::from)),
+        );
+        MapStream {
+            driver: Driver::new(self, command, items, options),
+        }
+        .map(|result| result.and_then(|payload| payload.deserialize().map_err(Error::from)))
+    }
+}

@@ -40,6 +40,7 @@ import collections
 import faulthandler
 import functools
 import io
+import itertools
 import os
 import signal
 import sys
@@ -114,8 +115,10 @@ _KEEPS_READER_BUSY = frozenset((
 # Two inline calls in a row that take longer than this make their handler run on the sync thread
 # from then on: the reader must not be away from the channel for long.
 INLINE_BUDGET_SECONDS = 0.005
-# How often a batch running on the reader looks for incoming messages between its items.
+# How long a slice of a batch runs before the batch looks for a cancel (and, on the reader,
+# reads incoming messages), and the most items in one slice.
 _BATCH_LOOK_SECONDS = 0.001
+_MAX_SLICE = 4096
 
 
 def _inline_candidate(fn):
@@ -635,6 +638,28 @@ class _Call:
         return ctx
 
 
+def _apply(fn, args):
+    """Call ``fn`` with a call's ``args``: a map is keywords, a list positional arguments, null
+    none, anything else the one argument."""
+    kind = type(args)
+    if kind is dict:
+        return fn(**args)
+    if kind is list:
+        return fn(*args)
+    if args is None:
+        return fn()
+    return fn(args)
+
+
+def _error_index(error):
+    return error["index"]
+
+
+def _apply_bound(fn, bound):
+    pos, kw = bound
+    return fn(*pos, **kw)
+
+
 def _new_loop():
     import asyncio  # here, not at the top: only apps that need a loop pay for importing it
 
@@ -1072,50 +1097,91 @@ class Worker:
         return None
 
     def _run_batch_sync(self, call, items):
-        """Run a sync handler once per item of a batch call and answer with all the results."""
-        handler_ = call.handler
-        fn = handler_.fn
-        wants_ctx = handler_.wants_ctx
-        # On the reader, whatever arrives meanwhile (a CANCEL, a PING) is read between items.
-        # (At most every millisecond: a poll per item would cost as much as a small handler.)
+        """Run a sync handler once per item of a batch call and answer with all the results.
+
+        Items run in slices, each through a C-level ``map`` (a Python loop per item would cost
+        as much as a small handler). Between slices the batch looks at the call's cancel flag
+        and, on the reader thread, reads whatever has arrived (a CANCEL, a PING); slices grow
+        to take about a millisecond each."""
         on_reader = get_ident() == self._reader_ident
         pending = self._pending
         clock = time.perf_counter
-        next_look = clock() + _BATCH_LOOK_SECONDS
         results = []
         errors = []
-        for index, args in enumerate(items):
-            if on_reader and clock() >= next_look:
-                if pending():
-                    self._read_pending()
-                next_look = clock() + _BATCH_LOOK_SECONDS
+        count = len(items)
+        start = 0
+        step = 1
+        while start < count:
+            if on_reader and pending():
+                self._read_pending()
             if call.cancelled:
                 self._send_cancelled(call)
                 return
+            end = min(count, start + step)
+            began = clock()
+            if not self._run_slice(call, items[start:end], results, errors):
+                return  # answered already: the call was cancelled, or the worker is exiting
+            per_item = (clock() - began) / (end - start)
+            fits = int(_BATCH_LOOK_SECONDS / per_item) if per_item > 0 else _MAX_SLICE
+            step = max(1, min(step * 8, fits, _MAX_SLICE))
+            start = end
+        self._send_batch(call, results, errors)
+
+    def _run_slice(self, call, chunk, results, errors):
+        """Run the handler on each item of ``chunk``, appending results (None for a failed
+        item) and errors. False if the call must end here (it has been answered)."""
+        handler_ = call.handler
+        fn = handler_.fn
+        if handler_.wants_ctx:
+            ctx = call.context()
+            bind = handler_.bind
+
+            def run(it):
+                return map(lambda args: _apply_bound(fn, bind(args, ctx)), it)
+        else:
+            kinds = set(map(type, chunk))
+            kind = kinds.pop() if len(kinds) == 1 else object
+            if kind is list:
+                def run(it):
+                    return itertools.starmap(fn, it)
+            elif kind is dict:
+                def run(it):
+                    return map(lambda kw: fn(**kw), it)
+            elif kind is object:  # arguments of several shapes
+                def run(it):
+                    return map(lambda args: _apply(fn, args), it)
+            elif kind is type(None):
+                def run(it):
+                    return map(lambda _: fn(), it)
+            else:  # one scalar argument each
+                def run(it):
+                    return map(fn, it)
+        first = len(results)
+        it = iter(chunk)
+        while True:
             try:
-                if wants_ctx:
-                    pos, kw = handler_.bind(args, call.context())
-                    value = fn(*pos, **kw)
-                else:
-                    kind = type(args)
-                    if kind is dict:
-                        value = fn(**args)
-                    elif kind is list:
-                        value = fn(*args)
-                    elif args is None:
-                        value = fn()
-                    else:
-                        value = fn(args)
-                if type(value) not in _PLAIN_RESULTS:
-                    value = self._settle_item(value)
+                results.extend(run(it))  # keeps the results before an item that raises
+                break
             except BaseException as exc:
                 if isinstance(exc, SystemExit) or (isinstance(exc, Cancelled) and call.cancelled):
                     self._fail(call, exc)
-                    return
-                errors.append({"index": index, "error": error_info(exc)})
-                value = None
-            results.append(value)
-        self._send_batch(call, results, errors)
+                    return False
+                errors.append({"index": len(results), "error": error_info(exc)})
+                results.append(None)
+        if not _PLAIN_RESULTS.issuperset(map(type, results[first:])):
+            for index in range(first, len(results)):
+                value = results[index]
+                if type(value) in _PLAIN_RESULTS:
+                    continue
+                try:
+                    results[index] = self._settle_item(value)
+                except BaseException as exc:
+                    if isinstance(exc, SystemExit):
+                        self._fail(call, exc)
+                        return False
+                    errors.append({"index": index, "error": error_info(exc)})
+                    results[index] = None
+        return True
 
     @staticmethod
     def _settle_item(value):
@@ -1135,7 +1201,9 @@ class Worker:
 
     def _send_batch(self, call, results, errors):
         """Answer a batch call. An item whose result cannot be encoded fails alone."""
-        if not errors:
+        if errors:
+            errors.sort(key=_error_index)
+        else:
             try:
                 self._emit(self._encode_result(call.id, results))
                 return
@@ -1164,7 +1232,7 @@ class Worker:
                     results[index] = None
                     errors.append({"index": index, "error": error_info(
                         exc, "cannot send the result of %s(): %s" % (call.handler.name, exc))})
-            errors.sort(key=lambda e: e["index"])
+            errors.sort(key=_error_index)
             header["errors"] = errors
             self._send_encoded_or_error(call, header, "results")
             return
@@ -1315,7 +1383,6 @@ class Worker:
             self._fail(call, exc)
             return
         call.on_loop = False
-        errors.sort(key=lambda e: e["index"])
         self._send_batch(call, results, errors)
 
     # ---- replies (any thread) ----------------------------------------------------------

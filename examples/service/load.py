@@ -199,9 +199,12 @@ def wrk(port, route, connections, duration, threads, lua):
     out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     wrk_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    total = int(re.search(r"(\d+) requests in", out).group(1))
-    latency = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    latency = dict(re.findall(r"^\s*(50|99)%\s+([\d.]+(?:us|ms|s))\s*$", out, re.M))
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    if not (rps and total and "50" in latency and "99" in latency):
+        sys.exit("cannot read wrk's output for %s:\n%s" % (" ".join(argv), out))
+    rps, total = float(rps.group(1)), int(total.group(1))
     errors = 0
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if m:

@@ -278,6 +278,8 @@ forward! {
     max_reply_bytes: usize,
     stream_window: u32,
     max_in_flight: usize,
+    prefetch: usize,
+    prefetch_wait: Duration,
     stop_grace: Duration,
     maintenance_interval: Duration,
     stderr_tail_lines: usize,

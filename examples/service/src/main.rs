@@ -104,7 +104,7 @@ async fn serve(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .checkout_timeout(args.checkout_timeout)
         .call_timeout(args.call_timeout)
         .require_commands(["noop", "score"])
-        .configure(|config| config.prefetch(args.prefetch));
+        .prefetch(args.prefetch);
     if let Some(max) = args.max_in_flight {
         builder = builder.max_in_flight(max);
     }

@@ -40,24 +40,28 @@ use transport_ipc::IpcLauncher;
 /// frame that arrived, as a worker would, without pypool.
 const ECHO_SCRIPT: &str = r#"
 import socket, sys
+
+def serve(sock):  # locals, not globals: the least work per frame
+    recv, send = sock.recv, sock.sendall
+    buf = bytearray()  # appending and dropping from the front are amortised O(1): 64 MiB too
+    while True:
+        data = recv(65536)  # not more: recv allocates its size up front (1 MiB = an mmap a call)
+        if not data:
+            return
+        buf += data
+        end, size = 0, len(buf)
+        while size - end >= 4:
+            frame = 4 + int.from_bytes(buf[end:end + 4], "big")
+            if size - end < frame:
+                break
+            end += frame
+        if end:
+            send(memoryview(buf)[:end])
+            del buf[:end]
+
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 sock.connect(sys.argv[1])
-recv, send = sock.recv, sock.sendall
-buf = bytearray()  # appending and dropping from the front are amortised O(1): 64 MiB frames too
-while True:
-    data = recv(65536)  # not more: recv allocates its size up front (1 MiB would be an mmap per call)
-    if not data:
-        break
-    buf += data
-    end, size = 0, len(buf)
-    while size - end >= 4:
-        frame = 4 + int.from_bytes(buf[end:end + 4], "big")
-        if size - end < frame:
-            break
-        end += frame
-    if end:
-        send(memoryview(buf)[:end])
-        del buf[:end]
+serve(sock)
 "#;
 
 const BIG: usize = 64 * 1024 * 1024;

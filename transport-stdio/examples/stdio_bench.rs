@@ -18,7 +18,8 @@
 //! the whole process tree to one CPU: `taskset -c 0 target/release/examples/stdio_bench`.
 //! Options: `--round-trips N` per repeat (5000), `--block N` (200), `--repeat N` (3),
 //! `--startup-runs N` (5), `--startup-workers N` (32), `--only latency|startup`, `--json`
-//! (one JSON object on stdout instead of Markdown tables).
+//! (one JSON object on stdout instead of Markdown tables). `--only pool-calls` makes only
+//! pypool's sequential calls (`--round-trips` x `--repeat`), nothing else: for profilers.
 //!
 //! Every figure is the median over the repeats with its range; a ratio is pypool's figure
 //! divided by the floor's within one repeat (above 1: pypool is slower by that factor). The
@@ -40,24 +41,27 @@ use transport_stdio::StdioLauncher;
 /// The raw echo: read what arrived, write back every complete length-prefixed frame.
 const ECHO_SCRIPT: &str = r#"
 import os
-read, write = os.read, os.write
-buf = b""
-while True:
-    data = read(0, 65536)
-    if not data:
-        break
-    buf = buf + data if buf else data
-    end, size = 0, len(buf)
-    while size - end >= 4:
-        frame = 4 + int.from_bytes(buf[end:end + 4], "big")
-        if size - end < frame:
-            break
-        end += frame
-    if end:
-        out = memoryview(buf)[:end]
-        while out:
-            out = out[write(1, out):]
-        buf = buf[end:]
+
+def serve(read=os.read, write=os.write):  # locals, not globals: the least work per frame
+    buf = b""
+    while True:
+        data = read(0, 65536)
+        if not data:
+            return
+        buf = buf + data if buf else data
+        end, size = 0, len(buf)
+        while size - end >= 4:
+            frame = 4 + int.from_bytes(buf[end:end + 4], "big")
+            if size - end < frame:
+                break
+            end += frame
+        if end:
+            out = memoryview(buf)[:end]
+            while out:
+                out = out[write(1, out):]
+            buf = buf[end:]
+
+serve()
 "#;
 
 const PING_SCRIPT: &str = "import sys\nsys.stdin.readline()\nprint('pong', flush=True)\n";
@@ -72,6 +76,8 @@ struct Options {
     startup_workers: usize,
     latency: bool,
     startup: bool,
+    /// Only pypool's sequential calls, nothing else in the process: for profilers.
+    pool_only: bool,
     json: bool,
 }
 
@@ -84,6 +90,7 @@ fn options() -> Result<Options, String> {
         startup_workers: 32,
         latency: true,
         startup: true,
+        pool_only: false,
         json: false,
     };
     let mut args = std::env::args().skip(1);
@@ -104,7 +111,8 @@ fn options() -> Result<Options, String> {
             "--only" => match args.next().as_deref() {
                 Some("latency") => o.startup = false,
                 Some("startup") => o.latency = false,
-                _ => return Err("--only takes latency or startup".into()),
+                Some("pool-calls") => o.pool_only = true,
+                _ => return Err("--only takes latency, startup or pool-calls".into()),
             },
             other => return Err(format!("unknown option {other}")),
         }
@@ -482,6 +490,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "python": python.display().to_string(),
         "repeat": o.repeat,
     });
+    if o.pool_only {
+        let pool = Pool::start(PoolConfig::new(app.clone()).size(1), launcher).await?;
+        pool_block(&pool, WARM_UP).await?;
+        let mut times = pool_block(&pool, o.round_trips * o.repeat).await?;
+        pool.shutdown(Duration::from_secs(5)).await;
+        let [mean, p50, p99] = latency(&mut times);
+        println!("pypool no-op call (stdio), {} sequential: mean {mean:.1} µs, p50 {p50:.1} µs, p99 {p99:.1} µs", times.len());
+        return Ok(());
+    }
     if o.latency {
         report["latency"] = measure_latency(&o, &app, &python, launcher.clone()).await?;
     }

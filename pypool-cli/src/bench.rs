@@ -67,6 +67,8 @@ struct Report {
     payload_bytes: usize,
     /// The pool's `prefetch` setting (the pool's default unless `--prefetch` was given).
     prefetch: usize,
+    /// The pool's `prefetch_wait` in milliseconds (its default unless `--prefetch-wait`).
+    prefetch_wait_ms: f64,
     /// Rounds run; every figure is the median over them.
     repeat: u32,
     python: Option<String>,
@@ -95,9 +97,9 @@ pub async fn run(global: &Global, args: BenchArgs) -> Result<ExitCode, Failure> 
             args.transport
         )));
     }
-    let prefetch = args
-        .prefetch
-        .unwrap_or_else(|| PoolConfig::new("defaults").prefetch);
+    let defaults = PoolConfig::new("defaults");
+    let prefetch = args.prefetch.unwrap_or(defaults.prefetch);
+    let prefetch_wait = args.prefetch_wait.unwrap_or(defaults.prefetch_wait);
     let assets = Assets::write(&[DEMO_HANDLERS, RAW_ECHO, PYTHON_POOLS])?;
     let app = assets.path(DEMO_HANDLERS.0);
     let bench = PoolBench {
@@ -105,6 +107,7 @@ pub async fn run(global: &Global, args: BenchArgs) -> Result<ExitCode, Failure> 
         app: app.to_string_lossy().into_owned(),
         mode,
         prefetch,
+        prefetch_wait,
         workload,
     };
     let baselines = if args.baseline {
@@ -153,6 +156,7 @@ pub async fn run(global: &Global, args: BenchArgs) -> Result<ExitCode, Failure> 
         concurrency: workload.concurrency,
         payload_bytes: workload.payload,
         prefetch,
+        prefetch_wait_ms: crate::ui::ms(prefetch_wait),
         repeat: args.repeat,
         python,
         pypool: Summary::of(pypool_runs),
@@ -164,7 +168,10 @@ pub async fn run(global: &Global, args: BenchArgs) -> Result<ExitCode, Failure> 
             serde_json::to_string(&report).map_err(|e| Failure::failed(e.to_string()))?
         );
     } else {
-        print_human(&report, args.prefetch.is_none());
+        print_human(
+            &report,
+            args.prefetch.is_none() && args.prefetch_wait.is_none(),
+        );
     }
     if report.pypool.errors > 0 {
         return Err(Failure::failed(format!(
@@ -184,6 +191,7 @@ struct PoolBench {
     app: String,
     mode: Mode,
     prefetch: usize,
+    prefetch_wait: Duration,
     workload: Workload,
 }
 
@@ -202,6 +210,7 @@ impl PoolBench {
             .size(w.workers)
             .python(&global.python)
             .prefetch(self.prefetch)
+            .prefetch_wait(self.prefetch_wait)
             .max_waiters(w.concurrency.max(10_000));
         let spinner = ui.spinner(format!(
             "pypool ({}): starting {} workers",
@@ -278,12 +287,13 @@ fn print_human(report: &Report, default_prefetch: bool) {
         format!("an echo of {}", fmt_bytes(report.payload_bytes as u64))
     };
     say(&format!(
-        "pypool bench: transport {}, {} workers, {} concurrent callers, {} calls of {workload} per run, prefetch {}{}, {} run{}{}.",
+        "pypool bench: transport {}, {} workers, {} concurrent callers, {} calls of {workload} per run, prefetch {} within {}{}, {} run{}{}.",
         report.transport,
         report.workers,
         report.concurrency,
         fmt_count(p.calls),
         report.prefetch,
+        fmt_us(report.prefetch_wait_ms * 1e3),
         if default_prefetch { " (default)" } else { "" },
         report.repeat,
         if report.repeat == 1 { "" } else { "s" },

@@ -42,7 +42,8 @@ else an active virtualenv (VIRTUAL_ENV) is used, else python3 in PATH.";
 
 const BENCH_AFTER_HELP: &str = "\
 With --json, one object on stdout; every figure is the median over the runs:
-  {\"transport\", \"mode\", \"workers\", \"concurrency\", \"payload_bytes\", \"prefetch\", \"repeat\",
+  {\"transport\", \"mode\", \"workers\", \"concurrency\", \"payload_bytes\", \"prefetch\",
+   \"prefetch_wait_ms\", \"repeat\",
    \"python\", \"calls\" (per run), \"errors\" (all runs), \"startup_ms\", \"duration_ms\",
    \"throughput_per_s\", \"latency_us\": {\"mean\", \"p50\", \"p99\", \"p999\", \"max\"},
    \"spread\": {\"startup_ms\": [min, max], \"throughput_per_s\": [min, max],
@@ -243,6 +244,12 @@ pub struct BenchArgs {
     /// Default: the pool's default.
     #[arg(long, value_name = "N")]
     pub prefetch: Option<usize>,
+
+    /// How long a call queued at a worker may expect to wait behind the others, judged by the
+    /// worker's recent pace (`PoolConfig::prefetch_wait`; it decides how much of --prefetch a
+    /// worker gets): 500us, 1ms, 1s. Default: the pool's default.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub prefetch_wait: Option<Duration>,
 
     /// Runs of each figure (pypool's and every baseline's, back to back in each round); the
     /// tables show the median and the range.

@@ -307,8 +307,28 @@ fn bench_passes_prefetch_to_the_pool() {
         assert_exit(&output, 0);
         let report = json_of(&output);
         assert_eq!(report["prefetch"].to_string(), prefetch, "{report}");
+        assert_eq!(
+            report["prefetch_wait_ms"], 1.0,
+            "the pool's default: {report}"
+        );
         assert_eq!(report["errors"], 0, "{report}");
     }
+    let output = run(&[
+        "bench",
+        "--json",
+        "--calls",
+        "100",
+        "--workers",
+        "1",
+        "--repeat",
+        "1",
+        "--prefetch-wait",
+        "2ms",
+    ]);
+    assert_exit(&output, 0);
+    let report = json_of(&output);
+    assert_eq!(report["prefetch_wait_ms"], 2.0, "{report}");
+    assert_eq!(report["prefetch"], 64, "{report}");
 }
 
 /// Every baseline of `--baseline`, by its key in the JSON output, and whether it has a

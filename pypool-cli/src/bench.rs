@@ -1,7 +1,11 @@
 //! `pypool bench`: start-up, throughput and latency of a pool, optionally against baselines.
+//!
+//! A bench is `repeat` rounds; each round runs pypool and then every baseline once, back to
+//! back (each round starting from the next contender, so none is always first), each with a
+//! fresh pool. Figures are medians over the rounds with their range; a comparison is made
+//! within each round and summarised the same way.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -10,10 +14,11 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::assets::{Assets, DEMO_HANDLERS, PYTHON_POOLS, RAW_ECHO};
-use crate::baseline::{self, Baselines};
-use crate::measure::{drive, Latency, Measurement};
+use crate::baseline::{self, Baseline, Baselines, Compared};
+use crate::measure::{drive, Driven, Figure, Measurement, Range, Speedup, Summary};
 use crate::ui::{
-    fmt_bytes, fmt_count, fmt_duration, fmt_rate, fmt_ratio, fmt_us, table, Failure, Ui,
+    fmt_bytes, fmt_count, fmt_rate, fmt_rate_range, fmt_speedup, fmt_us, table, wrap, Failure, Ui,
+    MAX_WIDTH,
 };
 use crate::{BenchArgs, Global};
 
@@ -23,69 +28,139 @@ pub struct Workload {
     pub workers: usize,
     pub concurrency: usize,
     pub calls: u64,
+    /// 0: the no-op (a small int in, the same int out); otherwise the size of a binary echo.
     pub payload: usize,
 }
 
-/// What `pypool bench --json` prints.
+/// How the bench drives the pool. Each mode is one function that runs the workload on a started
+/// pool ([`drive_pool`]); a mode that drives the pool differently (e.g. `Pool::map`) is one more
+/// variant and one more function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// CONCURRENCY callers, each making one `pool.call` at a time.
+    Call,
+}
+
+impl Mode {
+    /// The mode the command line asks for.
+    pub fn of(_args: &BenchArgs) -> Mode {
+        Mode::Call
+    }
+
+    /// Its name in the tables: `pypool <name> (<transport>)`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Call => "call",
+        }
+    }
+}
+
+/// What `pypool bench --json` prints: pypool's own figures (medians over the runs) at the top
+/// level, beside the workload.
 #[derive(Debug, Serialize)]
 struct Report {
     transport: String,
+    mode: Mode,
     workers: usize,
     concurrency: usize,
-    calls: u64,
     payload_bytes: usize,
-    errors: u64,
-    startup_ms: f64,
-    duration_ms: f64,
-    throughput_per_s: f64,
-    latency_us: Latency,
+    /// The pool's `prefetch` setting (the pool's default unless `--prefetch` was given).
+    prefetch: usize,
+    /// The pool's `prefetch_wait` in milliseconds (its default unless `--prefetch-wait`).
+    prefetch_wait_ms: f64,
+    /// Rounds run; every figure is the median over them.
+    repeat: u32,
     python: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    first_error: Option<String>,
+    #[serde(flatten)]
+    pypool: Summary,
     #[serde(skip_serializing_if = "Option::is_none")]
     baselines: Option<Baselines>,
 }
 
 pub async fn run(global: &Global, args: BenchArgs) -> Result<ExitCode, Failure> {
     let ui = Ui::new(global);
+    let workers = match args.workers {
+        Some(n) => usize::from(n),
+        None => std::thread::available_parallelism().map_or(2, usize::from),
+    };
     let workload = Workload {
-        workers: usize::from(args.workers),
+        workers,
         concurrency: args.concurrency as usize,
         calls: args.calls,
         payload: args.payload as usize,
     };
+    let mode = Mode::of(&args);
     if args.baseline && !matches!(args.transport.as_str(), "stdio" | "ipc") {
         return Err(Failure::usage(format!(
             "--baseline compares against the raw channel of a process transport and Python's pools; run it with --transport stdio or ipc (not {})",
             args.transport
         )));
     }
+    let defaults = PoolConfig::new("defaults");
+    let prefetch = args.prefetch.unwrap_or(defaults.prefetch);
+    let prefetch_wait = args.prefetch_wait.unwrap_or(defaults.prefetch_wait);
     let assets = Assets::write(&[DEMO_HANDLERS, RAW_ECHO, PYTHON_POOLS])?;
-    let launcher = pypool::launcher(&args.transport)?;
     let app = assets.path(DEMO_HANDLERS.0);
-
-    let (pypool, python) =
-        bench_pool(&ui, global, &args.transport, launcher, &app, workload).await?;
-    let baselines = if args.baseline {
-        Some(baseline::run_all(&ui, global, &args.transport, &assets, workload, &pypool).await?)
-    } else {
-        None
+    let bench = PoolBench {
+        transport: args.transport.clone(),
+        app: app.to_string_lossy().into_owned(),
+        mode,
+        prefetch,
+        prefetch_wait,
+        workload,
     };
+    let baselines = if args.baseline {
+        baseline::all(&args.transport, workload)
+    } else {
+        Vec::new()
+    };
+    let python_path = if baselines.is_empty() {
+        None
+    } else {
+        Some(baseline::interpreter(global).await?)
+    };
+
+    // Round r runs contender r, r+1, ... (0 is pypool, then the baselines), wrapping around.
+    let contenders = 1 + baselines.len();
+    let mut pypool_runs = Vec::new();
+    let mut baseline_runs: Vec<Vec<Measurement>> = vec![Vec::new(); baselines.len()];
+    let mut python = None;
+    for round in 0..args.repeat as usize {
+        for k in 0..contenders {
+            let which = (round + k) % contenders;
+            if which == 0 {
+                let (measured, version) = bench.run_once(&ui, global).await?;
+                python = python.or(version);
+                pypool_runs.push(measured);
+            } else {
+                let b: &Baseline = &baselines[which - 1];
+                let python_path = python_path.as_deref().expect("resolved with the baselines");
+                let measured = b
+                    .run(&ui, python_path, &args.transport, &assets, workload)
+                    .await?;
+                baseline_runs[which - 1].push(measured);
+            }
+        }
+    }
+    let compared: Vec<Compared> = baselines
+        .iter()
+        .zip(baseline_runs)
+        .map(|(b, runs)| Compared::new(b, runs, &pypool_runs))
+        .collect();
 
     let report = Report {
         transport: args.transport.clone(),
+        mode,
         workers: workload.workers,
         concurrency: workload.concurrency,
-        calls: pypool.calls,
         payload_bytes: workload.payload,
-        errors: pypool.errors,
-        startup_ms: pypool.startup_ms,
-        duration_ms: pypool.duration_ms,
-        throughput_per_s: pypool.throughput_per_s,
-        latency_us: pypool.latency_us.clone(),
+        prefetch,
+        prefetch_wait_ms: crate::ui::ms(prefetch_wait),
+        repeat: args.repeat,
         python,
-        first_error: pypool.first_error.clone(),
-        baselines,
+        pypool: Summary::of(pypool_runs),
+        baselines: args.baseline.then_some(Baselines(compared)),
     };
     if ui.json {
         println!(
@@ -93,53 +168,98 @@ pub async fn run(global: &Global, args: BenchArgs) -> Result<ExitCode, Failure> 
             serde_json::to_string(&report).map_err(|e| Failure::failed(e.to_string()))?
         );
     } else {
-        print_human(&report, workload);
+        print_human(
+            &report,
+            args.prefetch.is_none() && args.prefetch_wait.is_none(),
+        );
     }
-    if report.errors > 0 {
+    if report.pypool.errors > 0 {
         return Err(Failure::failed(format!(
             "{} of {} calls failed; first error: {}",
-            report.errors,
-            report.calls,
-            report.first_error.as_deref().unwrap_or("unknown")
+            report.pypool.errors,
+            report.pypool.calls * u64::from(report.repeat),
+            report.pypool.first_error.as_deref().unwrap_or("unknown")
         ))
         .json_printed());
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Starts the pool, runs the workload on it, shuts it down.
-async fn bench_pool(
-    ui: &Ui,
-    global: &Global,
-    transport: &str,
-    launcher: Arc<dyn pypool::Launcher>,
-    app: &std::path::Path,
-    w: Workload,
-) -> Result<(Measurement, Option<String>), Failure> {
-    let config = PoolConfig::new(app.to_string_lossy())
-        .name("bench")
-        .size(w.workers)
-        .python(&global.python)
-        .max_waiters(w.concurrency.max(10_000));
-    let spinner = ui.spinner(format!(
-        "pypool ({transport}): starting {} workers",
-        w.workers
-    ));
-    let t0 = Instant::now();
-    let pool = Pool::start(config, launcher).await;
-    spinner.finish_and_clear();
-    let pool = pool?;
-    let startup = t0.elapsed();
-    let python = pool.status().workers.first().map(|w| w.python.clone());
+/// pypool's side of the bench.
+struct PoolBench {
+    transport: String,
+    app: String,
+    mode: Mode,
+    prefetch: usize,
+    prefetch_wait: Duration,
+    workload: Workload,
+}
 
+impl PoolBench {
+    /// Starts a pool, runs the workload on it in the bench's mode, shuts it down. Returns the
+    /// measurement and the workers' Python version.
+    async fn run_once(
+        &self,
+        ui: &Ui,
+        global: &Global,
+    ) -> Result<(Measurement, Option<String>), Failure> {
+        let w = self.workload;
+        let launcher = pypool::launcher(&self.transport)?;
+        let config = PoolConfig::new(&self.app)
+            .name("bench")
+            .size(w.workers)
+            .python(&global.python)
+            .prefetch(self.prefetch)
+            .prefetch_wait(self.prefetch_wait)
+            .max_waiters(w.concurrency.max(10_000));
+        let spinner = ui.spinner(format!(
+            "pypool ({}): starting {} workers",
+            self.transport, w.workers
+        ));
+        let t0 = Instant::now();
+        let pool = Pool::start(config, launcher).await;
+        spinner.finish_and_clear();
+        let pool = pool?;
+        let startup = t0.elapsed();
+        let python = pool.status().workers.first().map(|w| w.python.clone());
+
+        let bar = ui.bar(
+            w.calls,
+            format!("pypool {} ({})", self.mode.name(), self.transport),
+        );
+        let driven = drive_pool(&pool, self.mode, w, &bar).await;
+        bar.finish_and_clear();
+        let spinner = ui.spinner("pypool: shutting down");
+        pool.shutdown(Duration::from_secs(5)).await;
+        spinner.finish_and_clear();
+        Ok((driven.measurement(startup), python))
+    }
+}
+
+/// Runs the workload on a started pool, as `mode` says.
+async fn drive_pool(pool: &Pool, mode: Mode, w: Workload, bar: &indicatif::ProgressBar) -> Driven {
+    match mode {
+        Mode::Call => drive_calls(pool, w, bar).await,
+    }
+}
+
+/// CONCURRENCY callers share the calls, each making one `pool.call` at a time: with payload 0
+/// `echo(value=i)` for call number i (checked to return i), else an echo of the payload's bytes.
+async fn drive_calls(pool: &Pool, w: Workload, bar: &indicatif::ProgressBar) -> Driven {
     let data = Bytes::from(vec![b'x'; w.payload]);
     let expected = w.payload;
-    let bar = ui.bar(w.calls, format!("pypool ({transport})"));
-    let caller_pool = pool.clone();
-    let driven = drive(w.concurrency, w.calls, &bar, move |_| {
-        let pool = caller_pool.clone();
+    let pool = pool.clone();
+    drive(w.concurrency, w.calls, bar, move |_, index| {
+        let pool = pool.clone();
         let data = data.clone();
         async move {
+            if expected == 0 {
+                return match pool.call("echo", json!({ "value": index })).await {
+                    Ok(reply) if reply.value == json!(index) => Ok(()),
+                    Ok(reply) => Err(format!("echo({index}) returned {}", reply.value)),
+                    Err(err) => Err(err.to_string()),
+                };
+            }
             let mut args = Payload::default();
             let placeholder = args.attach(data);
             args.value = json!({ "value": placeholder });
@@ -156,114 +276,187 @@ async fn bench_pool(
             }
         }
     })
-    .await;
-    bar.finish_and_clear();
-    let spinner = ui.spinner("pypool: shutting down");
-    pool.shutdown(Duration::from_secs(5)).await;
-    spinner.finish_and_clear();
-    Ok((driven.measurement(startup), python))
+    .await
 }
 
-fn print_human(report: &Report, w: Workload) {
-    println!(
-        "pypool bench: transport {}, {} workers, {} concurrent callers, {} calls, {} payload{}",
+fn print_human(report: &Report, default_prefetch: bool) {
+    let p = &report.pypool;
+    let workload = if report.payload_bytes == 0 {
+        "a no-op handler (a small int in, the same out)".to_owned()
+    } else {
+        format!("an echo of {}", fmt_bytes(report.payload_bytes as u64))
+    };
+    say(&format!(
+        "pypool bench: transport {}, {} workers, {} concurrent callers, {} calls of {workload} per run, prefetch {} within {}{}, {} run{}{}.",
         report.transport,
-        w.workers,
-        w.concurrency,
-        fmt_count(w.calls),
-        fmt_bytes(w.payload as u64),
+        report.workers,
+        report.concurrency,
+        fmt_count(p.calls),
+        report.prefetch,
+        fmt_us(report.prefetch_wait_ms * 1e3),
+        if default_prefetch { " (default)" } else { "" },
+        report.repeat,
+        if report.repeat == 1 { "" } else { "s" },
         report
             .python
             .as_deref()
             .map(|v| format!(", Python {v}"))
             .unwrap_or_default()
-    );
+    ));
     println!();
-    let row = |name: &str, m: &Measurement, ratios: [String; 3]| {
-        let [throughput, p50, p99] = ratios;
-        vec![
-            name.to_owned(),
-            fmt_us(m.startup_ms * 1e3),
-            fmt_rate(m.throughput_per_s),
-            fmt_us(m.latency_us.mean),
-            fmt_us(m.latency_us.p50 as f64),
-            fmt_us(m.latency_us.p99 as f64),
-            fmt_us(m.latency_us.p999 as f64),
-            fmt_count(m.errors),
-            throughput,
-            p50,
-            p99,
-        ]
-    };
-    let pypool = Measurement {
-        startup_ms: report.startup_ms,
-        duration_ms: report.duration_ms,
-        calls: report.calls,
-        errors: report.errors,
-        throughput_per_s: report.throughput_per_s,
-        latency_us: report.latency_us.clone(),
-        first_error: None,
-    };
-    let dash = || ["—".to_owned(), "—".to_owned(), "—".to_owned()];
-    let mut rows = vec![row(
-        &format!("pypool ({})", report.transport),
-        &pypool,
-        dash(),
-    )];
-    if let Some(b) = &report.baselines {
-        for (name, compared) in b.named() {
-            let r = &compared.pypool_ratio;
-            rows.push(row(
-                name,
-                &compared.measurement,
-                [fmt_ratio(r.throughput), fmt_ratio(r.p50), fmt_ratio(r.p99)],
-            ));
+    let pypool_name = format!("pypool {} ({})", report.mode.name(), report.transport);
+    let several = report.repeat > 1;
+    let empty = Vec::new();
+    let baselines = report.baselines.as_ref().map_or(&empty, |b| &b.0);
+    let compare = !baselines.is_empty();
+    let range = |r: Range| {
+        if several {
+            fmt_rate_range(r.0, r.1)
+        } else {
+            String::new()
         }
-    }
-    let headers: &[&str] = if report.baselines.is_some() {
-        &[
-            "",
-            "start-up",
-            "throughput",
-            "mean",
-            "p50",
-            "p99",
-            "p99.9",
-            "errors",
-            "pypool ÷ this: throughput",
-            "p50",
-            "p99",
-        ]
-    } else {
-        &[
-            "",
-            "start-up",
-            "throughput",
-            "mean",
-            "p50",
-            "p99",
-            "p99.9",
-            "errors",
-        ]
     };
-    let rows: Vec<Vec<String>> = rows
-        .into_iter()
-        .map(|mut r| {
-            r.truncate(headers.len());
-            r
+    let contenders: Vec<(&str, &Summary, Option<&Speedup>)> =
+        std::iter::once((pypool_name.as_str(), p, None))
+            .chain(
+                baselines
+                    .iter()
+                    .map(|b| (b.label.as_str(), &b.summary, Some(&b.pypool_speedup))),
+            )
+            .collect();
+    let vs = |s: Option<&Figure>, with_range: bool| {
+        if s.is_none() && !compare {
+            String::new()
+        } else {
+            fmt_speedup(s, with_range)
+        }
+    };
+
+    // Throughput: every contender.
+    let headers = [
+        "throughput",
+        "calls/s",
+        if several { "min–max" } else { "" },
+        if compare { "pypool is" } else { "" },
+    ];
+    let rows: Vec<Vec<String>> = contenders
+        .iter()
+        .map(|(name, s, speedup)| {
+            vec![
+                (*name).to_owned(),
+                fmt_rate(s.throughput_per_s),
+                range(s.spread.throughput_per_s),
+                speedup.map_or(String::new(), |x| vs(x.throughput.as_ref(), several)),
+            ]
         })
         .collect();
-    print!("{}", table(headers, &rows, 0));
+    print!("{}", compact_table(&headers, rows));
     println!();
-    println!(
-        "start-up: until every worker is ready; latency: per call as the caller sees it, queueing included ({} timed calls in {}).",
-        fmt_count(report.calls),
-        fmt_duration(Duration::from_secs_f64(report.duration_ms / 1e3))
-    );
-    if report.baselines.is_some() {
-        println!(
-            "pypool ÷ this: above 1 for throughput, below 1 for latency means pypool is faster."
-        );
-        println!("raw floor: Python echoing length-prefixed frames over the same kind of channel (pipes for stdio, a Unix socket for ipc), driven from Rust with no protocol and no pool.");
+
+    // Latency: the contenders with a per-call latency.
+    let headers = [
+        "latency",
+        "mean",
+        "p50",
+        "p99",
+        if compare { "pypool is: mean" } else { "" },
+        if compare { "p99" } else { "" },
+    ];
+    let rows: Vec<Vec<String>> = contenders
+        .iter()
+        .filter_map(|(name, s, speedup)| {
+            let l = s.latency_us.as_ref()?;
+            Some(vec![
+                (*name).to_owned(),
+                fmt_us(l.mean),
+                fmt_us(l.p50 as f64),
+                fmt_us(l.p99 as f64),
+                speedup.map_or(String::new(), |x| vs(x.mean.as_ref(), several)),
+                speedup.map_or(String::new(), |x| vs(x.p99.as_ref(), false)),
+            ])
+        })
+        .collect();
+    print!("{}", compact_table(&headers, rows));
+    println!();
+
+    // Start-up: every contender.
+    let headers = ["start-up", "time", if several { "min–max" } else { "" }];
+    let rows: Vec<Vec<String>> = contenders
+        .iter()
+        .map(|(name, s, _)| {
+            vec![
+                (*name).to_owned(),
+                fmt_us(s.startup_ms * 1e3),
+                if several {
+                    format!(
+                        "{}–{}",
+                        fmt_us(s.spread.startup_ms.0 * 1e3),
+                        fmt_us(s.spread.startup_ms.1 * 1e3)
+                    )
+                } else {
+                    String::new()
+                },
+            ]
+        })
+        .collect();
+    print!("{}", compact_table(&headers, rows));
+    println!();
+
+    let failed: Vec<String> = contenders
+        .iter()
+        .filter(|(_, s, _)| s.errors > 0)
+        .map(|(name, s, _)| {
+            format!(
+                "{name}: {} ({})",
+                fmt_count(s.errors),
+                s.first_error.as_deref().unwrap_or("no message")
+            )
+        })
+        .collect();
+    if failed.is_empty() {
+        say("errors: none (every result checked).");
+    } else {
+        say(&format!("errors: {}", failed.join("; ")));
     }
+    say(&format!(
+        "start-up: until every worker is ready. latency: per call as the caller sees it, queueing included. Figures: median of {} run{}{}.",
+        report.repeat,
+        if several { "s" } else { "" },
+        if several { ", with their range (min–max)" } else { "" },
+    ));
+    if !baselines.is_empty() {
+        say(&format!(
+            "pypool is: how pypool compares with that row, within each round (median{}): \"2.00x faster\" is twice the calls per second, or half the latency; \"2.00x slower\" is half the calls per second, or twice the latency.",
+            if several { " [and range]" } else { "" }
+        ));
+        say("Pool = multiprocessing.Pool, Executor = concurrent.futures.ProcessPoolExecutor. The map rows hand the whole batch to the pool at once and have no per-call latency; the thread rows call one item at a time from each of CONCURRENCY threads.");
+        say("raw floor: Python echoing length-prefixed frames over the same kind of channel (pipes for stdio, a Unix socket for ipc), pipelined, driven from Rust with no protocol and no pool.");
+    }
+}
+
+/// Prints a paragraph wrapped to the width of the tables.
+fn say(text: &str) {
+    println!("{}", wrap(text, MAX_WIDTH));
+}
+
+/// [`table`] without the columns whose header and cells are all empty (those that do not apply
+/// to this report).
+fn compact_table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let keep: Vec<bool> = (0..headers.len())
+        .map(|i| i == 0 || !headers[i].is_empty() || rows.iter().any(|r| !r[i].is_empty()))
+        .collect();
+    let pick = |cells: Vec<String>| -> Vec<String> {
+        cells
+            .into_iter()
+            .zip(&keep)
+            .filter_map(|(c, k)| k.then_some(c))
+            .collect()
+    };
+    let headers: Vec<&str> = headers
+        .iter()
+        .zip(&keep)
+        .filter_map(|(h, k)| k.then_some(*h))
+        .collect();
+    let rows: Vec<Vec<String>> = rows.into_iter().map(pick).collect();
+    table(&headers, &rows, 0)
 }

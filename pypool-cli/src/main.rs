@@ -41,19 +41,28 @@ what workers write to stderr). With the default --python, PYPOOL_PYTHON names th
 else an active virtualenv (VIRTUAL_ENV) is used, else python3 in PATH.";
 
 const BENCH_AFTER_HELP: &str = "\
-With --json, one object on stdout:
-  {\"transport\", \"workers\", \"concurrency\", \"calls\", \"payload_bytes\", \"errors\",
-   \"startup_ms\", \"duration_ms\", \"throughput_per_s\",
-   \"latency_us\": {\"mean\", \"p50\", \"p99\", \"p999\", \"max\"}, \"python\",
-   \"baselines\" (with --baseline): {\"raw_floor\", \"multiprocessing_pool\", \"process_pool_executor\"},
-     each {\"description\", \"startup_ms\", \"duration_ms\", \"calls\", \"errors\", \"throughput_per_s\",
-           \"latency_us\", \"pypool_ratio\": {\"throughput\", \"p50\", \"p99\"}}}
-  pypool_ratio = pypool's figure / the baseline's: above 1 for throughput, below 1 for latency
-  means pypool is faster.
+With --json, one object on stdout; every figure is the median over the runs:
+  {\"transport\", \"mode\", \"workers\", \"concurrency\", \"payload_bytes\", \"prefetch\",
+   \"prefetch_wait_ms\", \"repeat\",
+   \"python\", \"calls\" (per run), \"errors\" (all runs), \"startup_ms\", \"duration_ms\",
+   \"throughput_per_s\", \"latency_us\": {\"mean\", \"p50\", \"p99\", \"p999\", \"max\"},
+   \"spread\": {\"startup_ms\": [min, max], \"throughput_per_s\": [min, max],
+              \"latency_us\": {\"mean\", \"p50\", \"p99\", \"p999\": [min, max]}},
+   \"runs\": [every run's figures],
+   \"baselines\" (with --baseline): {\"raw_floor\", \"imap_unordered_chunksize_1\",
+       \"imap_unordered_auto_chunksize\", \"executor_map\", \"pool_apply_threads\",
+       \"executor_submit_threads\"},
+     each with the same figures (\"latency_us\" is null for the map rows) and
+     \"label\", \"description\", \"chunksize\" (map rows),
+     \"pypool_speedup\": {\"throughput\", \"mean\", \"p50\", \"p99\"}, each {\"median\", \"min\", \"max\"}}
+  pypool_speedup has one direction for every figure: above 1, pypool is that many times
+  faster (throughput: pypool's / the baseline's; latency: the baseline's / pypool's); below 1,
+  pypool is 1/that many times slower. It is computed within each round and summarised over them.
 
 Examples:
   pypool bench
-  pypool bench --workers 2 --concurrency 8 --calls 20000 --payload 4KiB
+  pypool bench --baseline --workers 2 --concurrency 64 --calls 100000
+  pypool bench --workers 2 --concurrency 8 --calls 20000 --payload 4KiB --prefetch 0
   pypool bench --baseline --json";
 
 /// Pools of long-lived Python worker processes for Rust services.
@@ -113,20 +122,24 @@ pub enum Command {
     /// Measure start-up, throughput and latency; with --baseline, against the alternatives.
     ///
     /// Starts a pool (start-up = until every worker has finished its handshake), then
-    /// CONCURRENCY callers share CALLS calls of a no-op handler that echoes a PAYLOAD-byte
-    /// binary attachment. Latency is measured per call by the caller (queueing included) in an
-    /// HDR histogram.
+    /// CONCURRENCY callers share CALLS calls: with --payload 0 (the default) of a no-op handler
+    /// that gets a small int and returns it, otherwise of an echo of a PAYLOAD-byte binary
+    /// attachment. Latency is measured per call by the caller (queueing included) in an HDR
+    /// histogram. All of it is repeated --repeat times (3) with a fresh pool; the figures are
+    /// medians, with their range.
     ///
-    /// With --baseline the same workload also runs, one after the other, on:
+    /// With --baseline the same workload also runs, in each round right after pypool, on:
     ///   - the raw floor: WORKERS Python processes echoing length-prefixed frames over the
     ///     transport's kind of channel (stdin/stdout for stdio, a Unix socket for ipc), driven
-    ///     directly from Rust: no protocol, no pool;
-    ///   - Python's multiprocessing.Pool and concurrent.futures.ProcessPoolExecutor with WORKERS
-    ///     processes and CONCURRENCY caller threads.
+    ///     directly from Rust, pipelined: no protocol, no pool;
+    ///   - multiprocessing.Pool.imap_unordered(f, items) with chunksize 1 (its default) and with
+    ///     the chunksize Pool.map would choose, ceil(CALLS / (4 * WORKERS));
+    ///   - ProcessPoolExecutor.map(f, items) with that same chunksize;
+    ///   - Pool.apply and ProcessPoolExecutor.submit(...).result() from CONCURRENCY threads.
     ///
-    /// Each is shown with pypool's throughput and latency as a ratio of its own (--baseline
-    /// needs a process transport: stdio or ipc). The runs share one machine, so compare
-    /// ratios, not absolute numbers, and prefer a release build
+    /// Each row says how pypool compares: "1.90x faster" or "1.30x slower", for throughput and
+    /// for latency (--baseline needs a process transport: stdio or ipc). The runs share one
+    /// machine, so compare these ratios, not absolute numbers, and prefer a release build
     /// (`cargo run --release -p pypool-cli -- bench`).
     #[command(after_help = BENCH_AFTER_HELP, verbatim_doc_comment)]
     Bench(BenchArgs),
@@ -208,25 +221,45 @@ pub struct BenchArgs {
     #[arg(long, short, value_name = "T", default_value = "stdio", value_parser = parse_transport)]
     pub transport: String,
 
-    /// Workers in the pool (and processes in each baseline).
-    #[arg(long, short, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=512))]
-    pub workers: u16,
+    /// Workers in the pool (and processes in each baseline). Default: the number of CPUs, as
+    /// multiprocessing.Pool.
+    #[arg(long, short, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=512))]
+    pub workers: Option<u16>,
 
-    /// Callers making calls at the same time.
-    #[arg(long, short, value_name = "C", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    /// Callers making calls at the same time (and caller threads in the thread baselines).
+    #[arg(long, short, value_name = "C", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub concurrency: u32,
 
-    /// Calls to make in total (timed; start-up is measured separately).
-    #[arg(long, short = 'n', value_name = "M", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    /// Calls to make in each run (timed; start-up is measured separately).
+    #[arg(long, short = 'n', value_name = "M", default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     pub calls: u64,
 
-    /// Size of the binary attachment each call sends and gets back: bytes, or with a unit
-    /// (4KiB, 1MiB, 2MB); at most 64 MiB.
-    #[arg(long, short, value_name = "SIZE", default_value = "64", value_parser = parse_payload)]
+    /// 0: a no-op handler that gets a small int and returns it. More: the size of a binary
+    /// attachment each call sends and gets back: bytes, or with a unit (4KiB, 1MiB, 2MB); at
+    /// most 64 MiB.
+    #[arg(long, short, value_name = "SIZE", default_value = "0", value_parser = parse_payload)]
     pub payload: u32,
 
-    /// Also run the same workload on the raw channel (the floor), multiprocessing.Pool and
-    /// ProcessPoolExecutor, and show pypool as a ratio of each.
+    /// Calls the pool may queue at a busy worker (`PoolConfig::prefetch`; 0 turns it off).
+    /// Default: the pool's default.
+    #[arg(long, value_name = "N")]
+    pub prefetch: Option<usize>,
+
+    /// How long a call queued at a worker may expect to wait behind the others, judged by the
+    /// worker's recent pace (`PoolConfig::prefetch_wait`; it decides how much of --prefetch a
+    /// worker gets): 500us, 1ms, 1s. Default: the pool's default.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub prefetch_wait: Option<Duration>,
+
+    /// Runs of each figure (pypool's and every baseline's, back to back in each round); the
+    /// tables show the median and the range.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub repeat: u32,
+
+    /// Also run the same workload on the raw channel (the floor) and on Python's own pools
+    /// (multiprocessing.Pool.imap_unordered with chunksize 1 and with Pool.map's automatic
+    /// chunksize, ProcessPoolExecutor.map, Pool.apply and ProcessPoolExecutor.submit from
+    /// caller threads), and say how pypool compares with each.
     #[arg(long)]
     pub baseline: bool,
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
+use crate::measure::Figure;
 use crate::Global;
 
 /// Exit code: the command ran but failed.
@@ -288,7 +289,7 @@ pub fn table(headers: &[&str], rows: &[Vec<String>], indent: usize) -> String {
 
 /// `text` broken at spaces into lines of at most `target` characters (a longer word keeps its
 /// own line).
-fn wrap(text: &str, target: usize) -> String {
+pub fn wrap(text: &str, target: usize) -> String {
     let mut lines: Vec<String> = Vec::new();
     for word in text.split(' ') {
         match lines.last_mut() {
@@ -358,11 +359,58 @@ pub fn fmt_bytes(bytes: u64) -> String {
     }
 }
 
-/// A ratio such as `1.23×`, or `—` when it is undefined.
-pub fn fmt_ratio(ratio: Option<f64>) -> String {
-    match ratio {
-        Some(r) if r.is_finite() => format!("{r:.2}×"),
-        _ => "—".to_owned(),
+/// A rate in short form for ranges: `950`, `12.3k`, `1.25M`.
+pub fn fmt_rate_short(per_second: f64) -> String {
+    if per_second >= 1e6 {
+        format!("{:.2}M", per_second / 1e6)
+    } else if per_second >= 1e4 {
+        format!("{:.1}k", per_second / 1e3)
+    } else if per_second >= 1e3 {
+        format!("{:.2}k", per_second / 1e3)
+    } else {
+        format!("{per_second:.0}")
+    }
+}
+
+/// The range of a rate over runs: `58.1k–63.0k`.
+pub fn fmt_rate_range(min: f64, max: f64) -> String {
+    format!("{}–{}", fmt_rate_short(min), fmt_rate_short(max))
+}
+
+/// How pypool compares with a baseline, from a speed-up (above 1: pypool faster by that
+/// factor; below 1: slower by its inverse), in words that cannot be misread: `1.90x faster`,
+/// `1.30x slower`; with `range`, the range over the runs in the same direction as the median:
+/// `1.90x faster [1.80–2.05]` (a factor of 0.95 "faster" in the range is a run where pypool was
+/// slower). `—` when there is no such figure.
+pub fn fmt_speedup(speedup: Option<&Figure>, range: bool) -> String {
+    let Some(f) = speedup.filter(|f| f.median.is_finite() && f.median > 0.0) else {
+        return "—".to_owned();
+    };
+    let (word, median, lo, hi) = if f.median >= 1.0 {
+        ("faster", f.median, f.min, f.max)
+    } else {
+        ("slower", 1.0 / f.median, 1.0 / f.max, 1.0 / f.min)
+    };
+    if range && (lo - hi).abs() >= 0.005 {
+        format!(
+            "{}x {word} [{}–{}]",
+            three_digits(median),
+            three_digits(lo),
+            three_digits(hi)
+        )
+    } else {
+        format!("{}x {word}", three_digits(median))
+    }
+}
+
+/// A factor with three significant digits (two decimals at most): 1.23, 12.3, 123.
+fn three_digits(x: f64) -> String {
+    if x < 10.0 {
+        format!("{x:.2}")
+    } else if x < 100.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.0}")
     }
 }
 
@@ -383,7 +431,28 @@ mod tests {
         assert_eq!(fmt_us(3_200.0), "3.20ms");
         assert_eq!(fmt_us(1_500_000.0), "1.50s");
         assert_eq!(fmt_bytes(2048), "2.0 KiB");
-        assert_eq!(fmt_ratio(None), "—");
+        assert_eq!(fmt_rate_range(58_123.0, 1_250_000.0), "58.1k–1.25M");
+    }
+
+    #[test]
+    fn speedups_say_faster_or_slower() {
+        let f = |median, min, max| Figure { median, min, max };
+        assert_eq!(fmt_speedup(Some(&f(1.9, 1.8, 2.0)), false), "1.90x faster");
+        assert_eq!(
+            fmt_speedup(Some(&f(1.9, 1.8, 2.0)), true),
+            "1.90x faster [1.80–2.00]"
+        );
+        // 0.5 = half as fast: 2x slower; the range is in the same direction.
+        assert_eq!(
+            fmt_speedup(Some(&f(0.5, 0.25, 0.8)), true),
+            "2.00x slower [1.25–4.00]"
+        );
+        assert_eq!(fmt_speedup(Some(&f(2.0, 2.0, 2.0)), true), "2.00x faster");
+        assert_eq!(
+            fmt_speedup(Some(&f(0.021, 0.018, 0.026)), true),
+            "47.6x slower [38.5–55.6]"
+        );
+        assert_eq!(fmt_speedup(None, true), "—");
     }
 
     #[test]

@@ -212,15 +212,54 @@ fn bench_json_is_one_object_with_every_documented_key() {
     assert_exit(&output, 0);
     let report = json_of(&output);
     assert_eq!(report["transport"], "stdio");
+    assert_eq!(report["mode"], "call");
     assert_eq!(report["workers"], 2);
-    assert_eq!(report["concurrency"], 16);
+    assert_eq!(report["concurrency"], 64);
     assert_eq!(report["calls"], 200);
-    assert_eq!(report["payload_bytes"], 64);
+    assert_eq!(report["payload_bytes"], 0, "the default is the no-op");
+    assert_eq!(report["prefetch"], 64, "the pool's default");
+    assert_eq!(report["repeat"], 3);
     assert_eq!(report["errors"], 0);
     assert!(report["startup_ms"].as_f64() > Some(0.0), "{report}");
     assert!(report["throughput_per_s"].as_f64() > Some(0.0), "{report}");
     assert_latency(&report["latency_us"], "latency_us");
+    assert_spread(&report, "pypool");
+    let runs = report["runs"].as_array().expect("runs");
+    assert_eq!(runs.len(), 3, "{report}");
+    for run in runs {
+        assert_eq!(run["calls"], 200, "{run}");
+        assert_latency(&run["latency_us"], "runs[].latency_us");
+    }
     assert!(report.get("baselines").is_none(), "{report}");
+}
+
+/// `spread` holds [min, max] around each median figure.
+fn assert_spread(value: &Value, what: &str) {
+    let spread = &value["spread"];
+    let within = |median: &Value, range: &Value, name: &str| {
+        let (lo, hi) = (range[0].as_f64(), range[1].as_f64());
+        assert!(
+            lo.is_some() && lo <= median.as_f64() && median.as_f64() <= hi,
+            "{what}: {name} {median} outside {range}"
+        );
+    };
+    within(&value["startup_ms"], &spread["startup_ms"], "startup_ms");
+    within(
+        &value["throughput_per_s"],
+        &spread["throughput_per_s"],
+        "throughput_per_s",
+    );
+    if value["latency_us"].is_null() {
+        assert!(spread["latency_us"].is_null(), "{what}: {spread}");
+    } else {
+        for key in ["mean", "p50", "p99", "p999"] {
+            within(
+                &value["latency_us"][key],
+                &spread["latency_us"][key],
+                &format!("latency_us.{key}"),
+            );
+        }
+    }
 }
 
 #[test]
@@ -236,13 +275,72 @@ fn bench_payload_travels_as_bytes() {
         "3",
         "--payload",
         "100000",
+        "--repeat",
+        "1",
     ]);
     assert_exit(&output, 0);
     let report = json_of(&output);
     assert_eq!(report["payload_bytes"], 100_000);
     assert_eq!(report["errors"], 0);
     assert_eq!(report["concurrency"], 3);
+    assert_eq!(report["repeat"], 1);
+    assert_eq!(report["runs"].as_array().map(Vec::len), Some(1));
 }
+
+#[test]
+fn bench_passes_prefetch_to_the_pool() {
+    for prefetch in ["0", "3"] {
+        let output = run(&[
+            "bench",
+            "--json",
+            "--calls",
+            "100",
+            "--workers",
+            "1",
+            "--concurrency",
+            "8",
+            "--repeat",
+            "1",
+            "--prefetch",
+            prefetch,
+        ]);
+        assert_exit(&output, 0);
+        let report = json_of(&output);
+        assert_eq!(report["prefetch"].to_string(), prefetch, "{report}");
+        assert_eq!(
+            report["prefetch_wait_ms"], 1.0,
+            "the pool's default: {report}"
+        );
+        assert_eq!(report["errors"], 0, "{report}");
+    }
+    let output = run(&[
+        "bench",
+        "--json",
+        "--calls",
+        "100",
+        "--workers",
+        "1",
+        "--repeat",
+        "1",
+        "--prefetch-wait",
+        "2ms",
+    ]);
+    assert_exit(&output, 0);
+    let report = json_of(&output);
+    assert_eq!(report["prefetch_wait_ms"], 2.0, "{report}");
+    assert_eq!(report["prefetch"], 64, "{report}");
+}
+
+/// Every baseline of `--baseline`, by its key in the JSON output, and whether it has a
+/// per-call latency.
+const BASELINES: [(&str, bool); 6] = [
+    ("raw_floor", true),
+    ("imap_unordered_chunksize_1", false),
+    ("imap_unordered_auto_chunksize", false),
+    ("executor_map", false),
+    ("pool_apply_threads", true),
+    ("executor_submit_threads", true),
+];
 
 #[test]
 fn bench_baseline_measures_the_floor_and_pythons_pools() {
@@ -253,6 +351,8 @@ fn bench_baseline_measures_the_floor_and_pythons_pools() {
         "200",
         "--workers",
         "2",
+        "--repeat",
+        "2",
         "--json",
     ]);
     assert_exit(&output, 0);
@@ -260,31 +360,68 @@ fn bench_baseline_measures_the_floor_and_pythons_pools() {
     assert_eq!(report["calls"], 200);
     assert_latency(&report["latency_us"], "latency_us");
     let baselines = &report["baselines"];
-    for name in ["raw_floor", "multiprocessing_pool", "process_pool_executor"] {
+    let mut keys: Vec<&str> = baselines
+        .as_object()
+        .expect("baselines is an object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    let mut expected = BASELINES.map(|(name, _)| name);
+    expected.sort_unstable();
+    assert_eq!(keys, expected.to_vec());
+    for (name, per_call) in BASELINES {
         let b = &baselines[name];
         assert!(b.is_object(), "no baseline {name}: {report}");
         assert_eq!(b["calls"], 200, "{name}: {b}");
         assert_eq!(b["errors"], 0, "{name}: {b}");
+        assert_eq!(b["runs"].as_array().map(Vec::len), Some(2), "{name}: {b}");
         assert!(b["startup_ms"].as_f64() > Some(0.0), "{name}: {b}");
         assert!(b["throughput_per_s"].as_f64() > Some(0.0), "{name}: {b}");
         assert!(b["description"].is_string(), "{name}: {b}");
-        assert_latency(&b["latency_us"], name);
-        for ratio in ["throughput", "p50", "p99"] {
-            assert!(
-                b["pypool_ratio"][ratio].as_f64() > Some(0.0),
-                "{name}.pypool_ratio.{ratio}: {b}"
-            );
+        assert!(b["label"].is_string(), "{name}: {b}");
+        assert_spread(b, name);
+        let speedup = &b["pypool_speedup"];
+        let figure = |key: &str| {
+            let f = &speedup[key];
+            for part in ["median", "min", "max"] {
+                assert!(
+                    f[part].as_f64() > Some(0.0),
+                    "{name}.pypool_speedup.{key}.{part}: {b}"
+                );
+            }
+            assert!(f["min"].as_f64() <= f["median"].as_f64(), "{name}: {f}");
+            assert!(f["median"].as_f64() <= f["max"].as_f64(), "{name}: {f}");
+        };
+        figure("throughput");
+        if per_call {
+            assert_latency(&b["latency_us"], name);
+            for key in ["mean", "p50", "p99"] {
+                figure(key);
+            }
+        } else {
+            assert!(b["latency_us"].is_null(), "{name}: {b}");
+            assert!(speedup["mean"].is_null(), "{name}: {b}");
         }
     }
+    // imap_unordered's default chunksize, and the one Pool.map computes: ceil(200 / (4 * 2)).
+    assert_eq!(baselines["imap_unordered_chunksize_1"]["chunksize"], 1);
+    assert_eq!(baselines["imap_unordered_auto_chunksize"]["chunksize"], 25);
+    assert_eq!(baselines["executor_map"]["chunksize"], 25);
 }
 
 #[test]
 fn bench_human_output_is_a_table() {
-    let output = run(&["bench", "--calls", "100", "--workers", "1"]);
+    let output = run(&["bench", "--calls", "100", "--workers", "1", "--repeat", "1"]);
     assert_exit(&output, 0);
     let stdout = text(&output.stdout);
-    assert!(stdout.contains("pypool (stdio)"), "{}", describe(&output));
+    assert!(
+        stdout.contains("pypool call (stdio)"),
+        "{}",
+        describe(&output)
+    );
     assert!(stdout.contains("throughput"), "{}", describe(&output));
+    assert!(stdout.contains("no-op"), "{}", describe(&output));
 }
 
 /// A handlers module in a fresh directory.
@@ -509,6 +646,8 @@ fn bad_arguments_are_usage_errors() {
         &["frobnicate"][..],
         &["bench", "--workers", "0"],
         &["bench", "--calls", "many"],
+        &["bench", "--repeat", "0"],
+        &["bench", "--prefetch", "-1"],
         &["demo", "--transport", "pigeon"],
         &["call", "add"],
         &[],
@@ -593,25 +732,36 @@ fn bench_takes_sizes_with_units_and_its_baseline_table_fits_100_columns() {
         "2",
         "--payload",
         "1MiB",
+        "--repeat",
+        "2",
         "--baseline",
     ]);
     assert_exit(&output, 0);
     let stdout = text(&output.stdout);
-    assert!(stdout.contains("1.0 MiB payload"), "{}", describe(&output));
-    // The table: from its header to the first blank line after the rows.
-    let table: Vec<&str> = stdout
-        .lines()
-        .skip_while(|line| !line.contains("start-up"))
-        .take_while(|line| !line.is_empty())
-        .collect();
-    assert!(table.len() >= 5, "{}", describe(&output));
-    for line in &table {
+    assert!(stdout.contains("1.0 MiB"), "{}", describe(&output));
+    for line in stdout.lines() {
         assert!(line.chars().count() <= 100, "{line:?}\n{stdout}");
     }
-    assert!(
-        table.iter().any(|l| l.starts_with("ProcessPoolExecutor")),
-        "{stdout}"
-    );
+    // Each baseline has a row, and says in words how pypool compares.
+    for label in [
+        "raw floor (pipes)",
+        "Pool.imap_unordered, chunksize 1",
+        "Pool.imap_unordered, chunksize 10 (auto)",
+        "Executor.map, chunksize 10",
+        "Pool.apply from 2 threads",
+        "Executor.submit from 2 threads",
+    ] {
+        let row = stdout
+            .lines()
+            .find(|line| line.starts_with(label))
+            .unwrap_or_else(|| panic!("no row {label:?}:\n{stdout}"));
+        assert!(
+            row.contains("x faster") || row.contains("x slower"),
+            "{row:?}\n{stdout}"
+        );
+    }
+    assert!(stdout.contains("latency"), "{stdout}");
+    assert!(stdout.contains("start-up"), "{stdout}");
 
     let output = run(&["bench", "--payload", "65MiB"]);
     assert_exit(&output, 2);
@@ -726,6 +876,29 @@ fn the_fake_transport_runs_without_python() {
     let report = json_of(&output);
     assert_eq!(report["transport"], "fake");
     assert_eq!(report["errors"], 0);
+    assert_eq!(report["runs"].as_array().map(Vec::len), Some(3));
+
+    // The no-op and the binary echo, with prefetch set and off: every result is checked.
+    for (payload, prefetch) in [("0", "0"), ("0", "8"), ("100", "8")] {
+        let output = run(&[
+            "bench",
+            "--transport",
+            "fake",
+            "--json",
+            "--calls",
+            "300",
+            "--payload",
+            payload,
+            "--prefetch",
+            prefetch,
+            "--repeat",
+            "1",
+        ]);
+        assert_exit(&output, 0);
+        let report = json_of(&output);
+        assert_eq!(report["errors"], 0, "{report}");
+        assert_eq!(report["prefetch"].to_string(), prefetch, "{report}");
+    }
 
     let output = run(&["demo", "--transport", "fake", "--json"]);
     assert_exit(&output, 0);

@@ -1,73 +1,370 @@
 //! The ipc transport against its physical floor, measured in one run:
 //!
-//! 1. no-op call round trip through a one-worker ipc pool, next to a raw Rust-to-Python
-//!    Unix-socket ping-pong with frames of the same size (no pool, no protocol, no auth);
-//! 2. 64 MiB echo throughput through the pool, next to a raw socket copy of a 64 MiB frame to
-//!    the same kind of Python echo and back.
+//! 1. **Latency**: one caller making sequential no-op calls through a one-worker ipc pool, next
+//!    to a raw Rust-to-Python length-prefixed Unix-socket echo of a frame as large as the pool's
+//!    CALL (no pool, no protocol, no auth). The Python side of the echo is the least a process
+//!    can do per frame: `recv` what arrived, find the frame by its length, `sendall` it back.
+//!    The Rust side is measured twice: blocking `std` I/O from a dedicated thread (the floor)
+//!    and a tokio `UnixStream` from a runtime task (what an async service has to work with).
+//!    All three stay set up for the whole run and take turns in blocks of `--block` round
+//!    trips, in a rotating order, after the same warm-up, so that each sees the same machine;
+//!    each repeat gives every contender the same number of round trips.
+//! 2. **Large frames**: 64 MiB echoed through the pool, next to a raw socket copy of a 64 MiB
+//!    frame to the same kind of Python echo and back (best of 5 each).
 //!
-//! Run: `cargo run --release -p transport-ipc --example ipc_bench [ROUND_TRIPS]`.
-//! Prints Markdown tables for BENCHMARKS.md.
+//! Run: `cargo run --release -p transport-ipc --example ipc_bench -- [OPTIONS]`; to pin the
+//! whole process tree to one CPU: `taskset -c 0 target/release/examples/ipc_bench`.
+//! Options: `--round-trips N` per repeat (5000), `--block N` (200), `--repeat N` (3),
+//! `--only latency|big`, `--json` (one JSON object on stdout instead of Markdown tables).
+//!
+//! Every latency figure is the median over the repeats with its range; a ratio is pypool's
+//! figure divided by the floor's within one repeat (above 1: pypool is slower by that factor).
+//! The floor of a repeat is the faster of the two raw echoes in it.
 
+use std::io::{Read, Write};
+use std::path::Path;
 use std::process::Stdio;
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pool_core::{Payload, Pool, PoolConfig};
 use pool_testkit::bench;
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixListener;
 use tokio::process::Command;
 use transport_ipc::IpcLauncher;
 
-/// Connects to the socket and echoes length-prefixed frames, as a worker would, without pypool.
+/// Connects to the socket given as its argument and echoes every complete length-prefixed
+/// frame that arrived, as a worker would, without pypool.
 const ECHO_SCRIPT: &str = r#"
-import socket, struct, sys
+import socket, sys
+
+def serve(sock):  # locals, not globals: the least work per frame
+    recv, send = sock.recv, sock.sendall
+    buf = bytearray()  # appending and dropping from the front are amortised O(1): 64 MiB too
+    while True:
+        data = recv(65536)  # not more: recv allocates its size up front (1 MiB = an mmap a call)
+        if not data:
+            return
+        buf += data
+        end, size = 0, len(buf)
+        while size - end >= 4:
+            frame = 4 + int.from_bytes(buf[end:end + 4], "big")
+            if size - end < frame:
+                break
+            end += frame
+        if end:
+            send(memoryview(buf)[:end])
+            del buf[:end]
+
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 sock.connect(sys.argv[1])
-def read_exact(n):
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            return None
-        got += k
-    return buf
-while True:
-    head = read_exact(4)
-    if head is None:
-        break
-    body = read_exact(struct.unpack(">I", head)[0])
-    if body is None:
-        break
-    sock.sendall(head)
-    sock.sendall(body)
+serve(sock)
 "#;
 
 const BIG: usize = 64 * 1024 * 1024;
+const WARM_UP: usize = 200;
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let round_trips: usize = std::env::args()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(5000);
-    let app_dir = tempfile::tempdir()?;
-    let app = bench::write_bench_app(app_dir.path())?;
-    let python = pool_process::ProcessLauncher::new()
-        .interpreter(&pool_core::WorkerSpec::new("bench", "probe", app.clone()))
-        .await?
-        .executable;
+struct Options {
+    round_trips: usize,
+    block: usize,
+    repeat: usize,
+    latency: bool,
+    big: bool,
+    json: bool,
+}
 
-    // Pool side: one ipc worker.
-    let config = PoolConfig::new(app.clone())
-        .size(1)
-        .call_timeout(Duration::from_secs(120));
-    let pool = Pool::start(config, Arc::new(IpcLauncher::new())).await?;
-    let pooled = bench::time_pool_calls(&pool, round_trips).await?;
+fn options() -> Result<Options, String> {
+    let mut o = Options {
+        round_trips: 5000,
+        block: 200,
+        repeat: 3,
+        latency: true,
+        big: true,
+        json: false,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut number = || -> Result<usize, String> {
+            args.next()
+                .and_then(|v| v.parse().ok())
+                .filter(|&n| n > 0)
+                .ok_or_else(|| format!("{arg} takes a positive number"))
+        };
+        match arg.as_str() {
+            "--round-trips" => o.round_trips = number()?,
+            "--block" => o.block = number()?,
+            "--repeat" => o.repeat = number()?,
+            "--json" => o.json = true,
+            "--only" => match args.next().as_deref() {
+                Some("latency") => o.big = false,
+                Some("big") => o.latency = false,
+                _ => return Err("--only takes latency or big".into()),
+            },
+            other => return Err(format!("unknown option {other}")),
+        }
+    }
+    Ok(o)
+}
+
+/// The CPUs this process may run on (`taskset` sets it for the whole tree).
+fn cpus_allowed() -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|v| v.trim().to_owned())
+}
+
+/// The median of some values and their range.
+fn figure(values: &[f64]) -> Value {
+    let mut v: Vec<f64> = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    let r = |x: f64| (x * 1000.0).round() / 1000.0;
+    json!({"median": r(median), "min": r(v[0]), "max": r(v[n - 1])})
+}
+
+/// Mean, p50 and p99 of one repeat's round trips, in microseconds.
+fn latency(samples: &mut [Duration]) -> [f64; 3] {
+    samples.sort_unstable();
+    let total: Duration = samples.iter().sum();
+    let at = |q: f64| {
+        let i = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1;
+        samples[i].as_secs_f64() * 1e6
+    };
+    [
+        total.as_secs_f64() * 1e6 / samples.len() as f64,
+        at(0.5),
+        at(0.99),
+    ]
+}
+
+/// Starts the Python echo, connected to a fresh socket; returns it and the accepted stream.
+fn start_echo(
+    python: &Path,
+    dir: &Path,
+    name: &str,
+) -> std::io::Result<(std::process::Child, std::os::unix::net::UnixStream)> {
+    let path = dir.join(name);
+    let listener = std::os::unix::net::UnixListener::bind(&path)?;
+    let child = std::process::Command::new(python)
+        .args(["-c", ECHO_SCRIPT])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .spawn()?;
+    let (stream, _) = listener.accept()?;
+    Ok((child, stream))
+}
+
+/// A raw echo driven with blocking `std` I/O from a thread of its own: the floor.
+struct BlockingEcho {
+    run: mpsc::Sender<usize>,
+    done: mpsc::Receiver<std::io::Result<Vec<Duration>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BlockingEcho {
+    fn start(python: &Path, dir: &Path, frame: Arc<[u8]>) -> std::io::Result<BlockingEcho> {
+        let (mut child, mut sock) = start_echo(python, dir, "blocking.sock")?;
+        let (run, runs) = mpsc::channel::<usize>();
+        let (finished, done) = mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let mut back = vec![0u8; frame.len()];
+            for rounds in runs {
+                let mut times = Vec::with_capacity(rounds);
+                let result = (|| {
+                    for _ in 0..rounds {
+                        let t = Instant::now();
+                        sock.write_all(&frame)?;
+                        sock.read_exact(&mut back)?;
+                        times.push(t.elapsed());
+                    }
+                    Ok(())
+                })();
+                let _ = finished.send(result.map(|()| times));
+            }
+            drop(sock);
+            let _ = child.wait();
+        });
+        Ok(BlockingEcho {
+            run,
+            done,
+            thread: Some(thread),
+        })
+    }
+
+    fn block(&self, rounds: usize) -> std::io::Result<Vec<Duration>> {
+        self.run.send(rounds).map_err(std::io::Error::other)?;
+        self.done.recv().map_err(std::io::Error::other)?
+    }
+}
+
+impl Drop for BlockingEcho {
+    fn drop(&mut self) {
+        let (run, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.run, run));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A raw echo driven through a tokio `UnixStream` from a runtime task.
+struct TokioEcho {
+    sock: Option<tokio::net::UnixStream>,
+    child: std::process::Child,
+    frame: Arc<[u8]>,
+}
+
+impl TokioEcho {
+    fn start(python: &Path, dir: &Path, frame: Arc<[u8]>) -> std::io::Result<TokioEcho> {
+        let (child, sock) = start_echo(python, dir, "tokio.sock")?;
+        sock.set_nonblocking(true)?;
+        Ok(TokioEcho {
+            sock: Some(tokio::net::UnixStream::from_std(sock)?),
+            child,
+            frame,
+        })
+    }
+
+    async fn block(&mut self, rounds: usize) -> std::io::Result<Vec<Duration>> {
+        let mut sock = self.sock.take().ok_or(std::io::Error::other("closed"))?;
+        let frame = self.frame.clone();
+        let (sock, times) = tokio::spawn(async move {
+            let mut back = vec![0u8; frame.len()];
+            let mut times = Vec::with_capacity(rounds);
+            for _ in 0..rounds {
+                let t = Instant::now();
+                sock.write_all(&frame).await?;
+                sock.read_exact(&mut back).await?;
+                times.push(t.elapsed());
+            }
+            Ok::<_, std::io::Error>((sock, times))
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        self.sock = Some(sock);
+        Ok(times)
+    }
+
+    fn close(mut self) {
+        self.sock = None;
+        let _ = self.child.wait();
+    }
+}
+
+/// Sequential no-op calls through the pool, from a runtime task (as a service's handler).
+async fn pool_block(pool: &Pool, rounds: usize) -> Result<Vec<Duration>, pool_core::Error> {
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        let mut times = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            let t = Instant::now();
+            pool.call("echo", bench::noop_args()).await?;
+            times.push(t.elapsed());
+        }
+        Ok(times)
+    })
+    .await
+    .expect("the calling task does not panic")
+}
+
+const CONTENDERS: [&str; 3] = ["raw_blocking", "raw_tokio", "pypool"];
+
+async fn measure_latency(
+    o: &Options,
+    pool: &Pool,
+    python: &Path,
+) -> Result<Value, Box<dyn std::error::Error>> {
+    let frame: Arc<[u8]> = bench::call_sized_frame().into();
+    let dir = tempfile::tempdir()?;
+    let blocking = BlockingEcho::start(python, dir.path(), frame.clone())?;
+    let mut tokio_echo = TokioEcho::start(python, dir.path(), frame.clone())?;
+
+    blocking.block(WARM_UP)?;
+    tokio_echo.block(WARM_UP).await?;
+    pool_block(pool, WARM_UP).await?;
+
+    let blocks = o.round_trips.div_ceil(o.block);
+    let mut figures = vec![Vec::new(); CONTENDERS.len()];
+    let mut turn = 0;
+    for _ in 0..o.repeat {
+        let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); CONTENDERS.len()];
+        for b in 0..blocks {
+            let rounds = o.block.min(o.round_trips - b * o.block);
+            for k in 0..CONTENDERS.len() {
+                let which = (turn + k) % CONTENDERS.len();
+                let times = match which {
+                    0 => blocking.block(rounds)?,
+                    1 => tokio_echo.block(rounds).await?,
+                    _ => pool_block(pool, rounds).await?,
+                };
+                samples[which].extend(times);
+            }
+            turn += 1;
+        }
+        for (which, s) in samples.iter_mut().enumerate() {
+            figures[which].push(latency(s));
+        }
+    }
+    drop(blocking);
+    tokio_echo.close();
+
+    let mut out = serde_json::Map::new();
+    for (which, name) in CONTENDERS.iter().enumerate() {
+        let f = &figures[which];
+        let pick = |i: usize| f.iter().map(|x| x[i]).collect::<Vec<f64>>();
+        out.insert(
+            (*name).to_owned(),
+            json!({
+                "mean": figure(&pick(0)),
+                "p50": figure(&pick(1)),
+                "p99": figure(&pick(2)),
+                "runs": f.iter().map(|x| json!({"mean": x[0], "p50": x[1], "p99": x[2]})).collect::<Vec<_>>(),
+            }),
+        );
+    }
+    let ratio = |base: usize| {
+        let r: Vec<f64> = figures[2]
+            .iter()
+            .zip(&figures[base])
+            .map(|(p, b)| p[0] / b[0])
+            .collect();
+        figure(&r)
+    };
+    // The floor of each repeat: the faster of the two raw echoes (unpinned, either can land in
+    // the slow mode of a cross-CPU wake-up for a whole repeat).
+    let floor: Vec<f64> = figures[0]
+        .iter()
+        .zip(&figures[1])
+        .map(|(a, b)| a[0].min(b[0]))
+        .collect();
+    let floor_ratio: Vec<f64> = figures[2]
+        .iter()
+        .zip(&floor)
+        .map(|(p, f)| p[0] / f)
+        .collect();
+    out.insert("floor".to_owned(), json!({"mean": figure(&floor)}));
+    Ok(json!({
+        "frame_bytes": frame.len(),
+        "round_trips_per_repeat": o.round_trips,
+        "block": o.block,
+        "warm_up": WARM_UP,
+        "latency_us": out,
+        "pypool_mean_over": {"raw_blocking": ratio(0), "raw_tokio": ratio(1), "floor": figure(&floor_ratio)},
+    }))
+}
+
+/// 64 MiB through the pool and through a raw socket, best of 5 each.
+async fn measure_big(pool: &Pool, python: &Path) -> Result<Value, Box<dyn std::error::Error>> {
     let data = Bytes::from((0..BIG).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
     let mut pool_big = Vec::new();
     for _ in 0..5 {
@@ -79,24 +376,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         pool_big.push(t.elapsed());
         assert_eq!(reply.as_bytes().map(Bytes::len), Some(BIG));
     }
-    pool.shutdown(Duration::from_secs(5)).await;
 
-    // Raw side: a Unix socket and a Python echo, same frame sizes.
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("raw.sock");
-    let listener = UnixListener::bind(&path)?;
-    let mut child = Command::new(&python)
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    let mut child = Command::new(python)
         .args(["-c", ECHO_SCRIPT])
         .arg(&path)
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
     let (mut sock, _) = listener.accept().await?;
-    let frame = bench::call_sized_frame();
-    let raw = {
-        let (mut reader, mut writer) = sock.split();
-        bench::time_raw_echo(&mut writer, &mut reader, &frame, round_trips).await?
-    };
     let mut big_frame = (BIG as u32).to_be_bytes().to_vec();
     big_frame.extend_from_slice(&data);
     let mut big_back = vec![0u8; big_frame.len()];
@@ -114,39 +404,107 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     drop(sock);
     child.wait().await?;
+    let best = |v: &[Duration]| v.iter().min().copied().unwrap_or_default().as_secs_f64() * 1e3;
+    Ok(json!({"bytes": BIG, "raw_best_ms": best(&raw_big), "pypool_best_ms": best(&pool_big)}))
+}
 
-    let best = |v: &[Duration]| v.iter().min().copied().unwrap_or_default();
-    let mib_s = |d: Duration| 2.0 * 64.0 / d.as_secs_f64();
+fn fmt(f: &Value) -> String {
+    let g = |k: &str| f[k].as_f64().unwrap_or(f64::NAN);
+    format!("{:.1} ({:.1}–{:.1})", g("median"), g("min"), g("max"))
+}
+
+fn fmt_ratio(f: &Value) -> String {
+    let g = |k: &str| f[k].as_f64().unwrap_or(f64::NAN);
+    format!("{:.2}x ({:.2}–{:.2})", g("median"), g("min"), g("max"))
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let o = options()?;
+    let app_dir = tempfile::tempdir()?;
+    let app = bench::write_bench_app(app_dir.path())?;
+    let python = pool_process::ProcessLauncher::new()
+        .interpreter(&pool_core::WorkerSpec::new("bench", "probe", app.clone()))
+        .await?
+        .executable;
+
+    let config = PoolConfig::new(app.clone())
+        .size(1)
+        .call_timeout(Duration::from_secs(120));
+    let pool = Pool::start(config, Arc::new(IpcLauncher::new())).await?;
+    let mut report = json!({
+        "transport": "ipc",
+        "cpus_allowed": cpus_allowed(),
+        "python": python.display().to_string(),
+        "repeat": o.repeat,
+    });
+    if o.latency {
+        report["latency"] = measure_latency(&o, &pool, &python).await?;
+    }
+    if o.big {
+        report["big"] = measure_big(&pool, &python).await?;
+    }
+    pool.shutdown(Duration::from_secs(5)).await;
+    if o.json {
+        println!("{report}");
+        return Ok(());
+    }
+
     println!(
-        "Round trips: {round_trips} sequential, frame {} bytes, interpreter {}",
-        frame.len(),
-        python.display()
+        "ipc, interpreter {}, CPUs allowed: {}",
+        python.display(),
+        report["cpus_allowed"].as_str().unwrap_or("?")
     );
-    println!();
-    println!("| round trip (µs) | mean | p50 | p99 | mean / raw |");
-    println!("|---|---|---|---|---|");
-    println!(
-        "{}",
-        bench::latency_row("raw Unix-socket ping-pong (floor)", &raw, &raw)
-    );
-    println!(
-        "{}",
-        bench::latency_row("pypool no-op call (ipc)", &pooled, &raw)
-    );
-    println!();
-    println!("| 64 MiB echo, best of 5 | time | MiB/s (both ways) | raw / pypool throughput |");
-    println!("|---|---|---|---|");
-    let (raw_t, pool_t) = (best(&raw_big), best(&pool_big));
-    println!(
-        "| raw socket copy (floor) | {:.0} ms | {:.0} | 1.00 |",
-        raw_t.as_secs_f64() * 1e3,
-        mib_s(raw_t)
-    );
-    println!(
-        "| pypool echo (ipc) | {:.0} ms | {:.0} | {:.2} |",
-        pool_t.as_secs_f64() * 1e3,
-        mib_s(pool_t),
-        mib_s(raw_t) / mib_s(pool_t)
-    );
+    if let Some(l) = report.get("latency") {
+        println!();
+        println!(
+            "Latency: {} repeats of {} sequential round trips (blocks of {}, rotating), frame {} bytes, after {} warm-up ones. Median of the repeats (min–max).",
+            o.repeat, o.round_trips, o.block, l["frame_bytes"], WARM_UP
+        );
+        println!();
+        println!("| round trip (µs) | mean | p50 | p99 | pypool's mean / this |");
+        println!("|---|---|---|---|---|");
+        let names = [
+            ("raw_blocking", "raw Unix-socket echo, blocking Rust I/O"),
+            ("raw_tokio", "raw Unix-socket echo, tokio UnixStream"),
+            ("pypool", "pypool no-op call (ipc)"),
+        ];
+        let floor = &l["latency_us"]["floor"]["mean"];
+        println!(
+            "| floor: the faster raw echo of each repeat | {} | | | {} |",
+            fmt(floor),
+            fmt_ratio(&l["pypool_mean_over"]["floor"])
+        );
+        for (key, name) in names {
+            let f = &l["latency_us"][key];
+            let vs = match key {
+                "pypool" => "—".to_owned(),
+                other => fmt_ratio(&l["pypool_mean_over"][other]),
+            };
+            println!(
+                "| {name} | {} | {} | {} | {vs} |",
+                fmt(&f["mean"]),
+                fmt(&f["p50"]),
+                fmt(&f["p99"])
+            );
+        }
+    }
+    if let Some(b) = report.get("big") {
+        let raw = b["raw_best_ms"].as_f64().unwrap_or(f64::NAN);
+        let pooled = b["pypool_best_ms"].as_f64().unwrap_or(f64::NAN);
+        let mib_s = |ms: f64| 2.0 * 64.0 / (ms / 1e3);
+        println!();
+        println!("| 64 MiB echo, best of 5 | time | MiB/s (both ways) | pypool slower by |");
+        println!("|---|---|---|---|");
+        println!(
+            "| raw socket copy (floor) | {raw:.0} ms | {:.0} | 1.00 |",
+            mib_s(raw)
+        );
+        println!(
+            "| pypool echo (ipc) | {pooled:.0} ms | {:.0} | {:.2}x |",
+            mib_s(pooled),
+            pooled / raw
+        );
+    }
     Ok(())
 }

@@ -1,42 +1,480 @@
 //! The stdio transport against its physical floor, measured in one run:
 //!
-//! 1. no-op call round trip through a one-worker pool, next to a raw Rust-to-Python pipe
-//!    ping-pong with frames of the same size (no pool, no protocol);
-//! 2. time until 32 pool workers are ready, next to 32 bare interpreters answering one ping.
+//! 1. **Latency**: one caller making sequential no-op calls through a one-worker pool, next to a
+//!    raw Rust-to-Python length-prefixed pipe echo of a frame as large as the pool's CALL (no
+//!    pool, no protocol). The Python side of the echo is the least a process can do per frame:
+//!    `os.read` what arrived, find the frame by its length, `os.write` it back. The Rust side is
+//!    measured twice: blocking `std` I/O from a dedicated thread (the floor) and tokio pipes
+//!    from a runtime task (what an async service has to work with). All three stay set up for
+//!    the whole run and take turns in blocks of `--block` round trips, in a rotating order,
+//!    after the same warm-up, so that each sees the same machine; each repeat gives every
+//!    contender the same number of round trips.
+//! 2. **Start-up**: time until 32 pool workers are ready (handshake done), next to 32 bare
+//!    interpreters started at once answering one ping, alternating, after one untimed round of
+//!    each (so one-time costs such as writing the embedded runtime to disk are left out of
+//!    both).
 //!
-//! Run: `cargo run --release -p transport-stdio --example stdio_bench [ROUND_TRIPS]`.
-//! Prints a Markdown table for BENCHMARKS.md.
+//! Run: `cargo run --release -p transport-stdio --example stdio_bench -- [OPTIONS]`; to pin
+//! the whole process tree to one CPU: `taskset -c 0 target/release/examples/stdio_bench`.
+//! Options: `--round-trips N` per repeat (5000), `--block N` (200), `--repeat N` (3),
+//! `--startup-runs N` (5), `--startup-workers N` (32), `--only latency|startup`, `--json`
+//! (one JSON object on stdout instead of Markdown tables). `--only pool-calls` makes only
+//! pypool's sequential calls (`--round-trips` x `--repeat`), nothing else: for profilers.
+//!
+//! Every figure is the median over the repeats with its range; a ratio is pypool's figure
+//! divided by the floor's within one repeat (above 1: pypool is slower by that factor). The
+//! floor of a repeat is the faster of the two raw echoes in it.
 
+use std::io::{Read, Write};
 use std::process::Stdio;
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pool_core::{Pool, PoolConfig, WorkerSpec};
 use pool_testkit::bench;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 use transport_stdio::StdioLauncher;
 
+/// The raw echo: read what arrived, write back every complete length-prefixed frame.
 const ECHO_SCRIPT: &str = r#"
-import sys, struct
-inp, out = sys.stdin.buffer, sys.stdout.buffer
-while True:
-    head = inp.read(4)
-    if len(head) < 4:
-        break
-    body = inp.read(struct.unpack(">I", head)[0])
-    out.write(head + body)
-    out.flush()
+import os
+
+def serve(read=os.read, write=os.write):  # locals, not globals: the least work per frame
+    buf = b""
+    while True:
+        data = read(0, 65536)
+        if not data:
+            return
+        buf = buf + data if buf else data
+        end, size = 0, len(buf)
+        while size - end >= 4:
+            frame = 4 + int.from_bytes(buf[end:end + 4], "big")
+            if size - end < frame:
+                break
+            end += frame
+        if end:
+            out = memoryview(buf)[:end]
+            while out:
+                out = out[write(1, out):]
+            buf = buf[end:]
+
+serve()
 "#;
 
 const PING_SCRIPT: &str = "import sys\nsys.stdin.readline()\nprint('pong', flush=True)\n";
 
+const WARM_UP: usize = 200;
+
+struct Options {
+    round_trips: usize,
+    block: usize,
+    repeat: usize,
+    startup_runs: usize,
+    startup_workers: usize,
+    latency: bool,
+    startup: bool,
+    /// Only pypool's sequential calls, nothing else in the process: for profilers.
+    pool_only: bool,
+    json: bool,
+}
+
+fn options() -> Result<Options, String> {
+    let mut o = Options {
+        round_trips: 5000,
+        block: 200,
+        repeat: 3,
+        startup_runs: 5,
+        startup_workers: 32,
+        latency: true,
+        startup: true,
+        pool_only: false,
+        json: false,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut number = || -> Result<usize, String> {
+            args.next()
+                .and_then(|v| v.parse().ok())
+                .filter(|&n| n > 0)
+                .ok_or_else(|| format!("{arg} takes a positive number"))
+        };
+        match arg.as_str() {
+            "--round-trips" => o.round_trips = number()?,
+            "--block" => o.block = number()?,
+            "--repeat" => o.repeat = number()?,
+            "--startup-runs" => o.startup_runs = number()?,
+            "--startup-workers" => o.startup_workers = number()?,
+            "--json" => o.json = true,
+            "--only" => match args.next().as_deref() {
+                Some("latency") => o.startup = false,
+                Some("startup") => o.latency = false,
+                Some("pool-calls") => o.pool_only = true,
+                _ => return Err("--only takes latency, startup or pool-calls".into()),
+            },
+            other => return Err(format!("unknown option {other}")),
+        }
+    }
+    Ok(o)
+}
+
+/// The CPUs this process may run on (`taskset` sets it for the whole tree).
+fn cpus_allowed() -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|v| v.trim().to_owned())
+}
+
+/// The median of some values and their range.
+fn figure(values: &[f64]) -> Value {
+    let mut v: Vec<f64> = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    let r = |x: f64| (x * 1000.0).round() / 1000.0;
+    json!({"median": r(median), "min": r(v[0]), "max": r(v[n - 1])})
+}
+
+/// Mean, p50 and p99 of one repeat's round trips, in microseconds.
+fn latency(samples: &mut [Duration]) -> [f64; 3] {
+    samples.sort_unstable();
+    let total: Duration = samples.iter().sum();
+    let at = |q: f64| {
+        let i = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1;
+        samples[i].as_secs_f64() * 1e6
+    };
+    [
+        total.as_secs_f64() * 1e6 / samples.len() as f64,
+        at(0.5),
+        at(0.99),
+    ]
+}
+
+/// A raw echo driven with blocking `std` I/O from a thread of its own: the floor.
+struct BlockingEcho {
+    run: mpsc::Sender<usize>,
+    done: mpsc::Receiver<std::io::Result<Vec<Duration>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BlockingEcho {
+    fn start(python: &std::path::Path, frame: Arc<[u8]>) -> std::io::Result<BlockingEcho> {
+        let mut child = std::process::Command::new(python)
+            .args(["-c", ECHO_SCRIPT])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut stdin = child
+            .stdin
+            .take()
+            .ok_or(std::io::Error::other("no stdin"))?;
+        let mut stdout = child
+            .stdout
+            .take()
+            .ok_or(std::io::Error::other("no stdout"))?;
+        let (run, runs) = mpsc::channel::<usize>();
+        let (finished, done) = mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let mut back = vec![0u8; frame.len()];
+            for rounds in runs {
+                let mut times = Vec::with_capacity(rounds);
+                let result = (|| {
+                    for _ in 0..rounds {
+                        let t = Instant::now();
+                        stdin.write_all(&frame)?;
+                        stdout.read_exact(&mut back)?;
+                        times.push(t.elapsed());
+                    }
+                    Ok(())
+                })();
+                let _ = finished.send(result.map(|()| times));
+            }
+            drop(stdin);
+            let _ = child.wait();
+        });
+        Ok(BlockingEcho {
+            run,
+            done,
+            thread: Some(thread),
+        })
+    }
+
+    fn block(&self, rounds: usize) -> std::io::Result<Vec<Duration>> {
+        self.run.send(rounds).map_err(std::io::Error::other)?;
+        self.done.recv().map_err(std::io::Error::other)?
+    }
+}
+
+impl Drop for BlockingEcho {
+    fn drop(&mut self) {
+        let (run, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.run, run));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A raw echo driven through tokio's pipes from a runtime task.
+struct TokioEcho {
+    io: Option<(tokio::process::ChildStdin, tokio::process::ChildStdout)>,
+    child: tokio::process::Child,
+    frame: Arc<[u8]>,
+}
+
+impl TokioEcho {
+    fn start(python: &std::path::Path, frame: Arc<[u8]>) -> std::io::Result<TokioEcho> {
+        let mut child = Command::new(python)
+            .args(["-c", ECHO_SCRIPT])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdin = child
+            .stdin
+            .take()
+            .ok_or(std::io::Error::other("no stdin"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or(std::io::Error::other("no stdout"))?;
+        Ok(TokioEcho {
+            io: Some((stdin, stdout)),
+            child,
+            frame,
+        })
+    }
+
+    async fn block(&mut self, rounds: usize) -> std::io::Result<Vec<Duration>> {
+        let (mut stdin, mut stdout) = self.io.take().ok_or(std::io::Error::other("closed"))?;
+        let frame = self.frame.clone();
+        let (io, times) = tokio::spawn(async move {
+            let mut back = vec![0u8; frame.len()];
+            let mut times = Vec::with_capacity(rounds);
+            for _ in 0..rounds {
+                let t = Instant::now();
+                stdin.write_all(&frame).await?;
+                stdout.read_exact(&mut back).await?;
+                times.push(t.elapsed());
+            }
+            Ok::<_, std::io::Error>(((stdin, stdout), times))
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        self.io = Some(io);
+        Ok(times)
+    }
+
+    async fn close(mut self) {
+        self.io = None;
+        let _ = self.child.wait().await;
+    }
+}
+
+/// Sequential no-op calls through the pool, from a runtime task (as a service's handler).
+async fn pool_block(pool: &Pool, rounds: usize) -> Result<Vec<Duration>, pool_core::Error> {
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        let mut times = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            let t = Instant::now();
+            pool.call("echo", bench::noop_args()).await?;
+            times.push(t.elapsed());
+        }
+        Ok(times)
+    })
+    .await
+    .expect("the calling task does not panic")
+}
+
+const CONTENDERS: [&str; 3] = ["raw_blocking", "raw_tokio", "pypool"];
+
+async fn measure_latency(
+    o: &Options,
+    app: &str,
+    python: &std::path::Path,
+    launcher: Arc<StdioLauncher>,
+) -> Result<Value, Box<dyn std::error::Error>> {
+    let frame: Arc<[u8]> = bench::call_sized_frame().into();
+    let pool = Pool::start(PoolConfig::new(app).size(1), launcher).await?;
+    let blocking = BlockingEcho::start(python, frame.clone())?;
+    let mut tokio_echo = TokioEcho::start(python, frame.clone())?;
+
+    blocking.block(WARM_UP)?;
+    tokio_echo.block(WARM_UP).await?;
+    pool_block(&pool, WARM_UP).await?;
+
+    let blocks = o.round_trips.div_ceil(o.block);
+    // per contender, per repeat: [mean, p50, p99]
+    let mut figures = vec![Vec::new(); CONTENDERS.len()];
+    let mut turn = 0;
+    for _ in 0..o.repeat {
+        let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); CONTENDERS.len()];
+        for b in 0..blocks {
+            let rounds = o.block.min(o.round_trips - b * o.block);
+            for k in 0..CONTENDERS.len() {
+                let which = (turn + k) % CONTENDERS.len();
+                let times = match which {
+                    0 => blocking.block(rounds)?,
+                    1 => tokio_echo.block(rounds).await?,
+                    _ => pool_block(&pool, rounds).await?,
+                };
+                samples[which].extend(times);
+            }
+            turn += 1;
+        }
+        for (which, s) in samples.iter_mut().enumerate() {
+            figures[which].push(latency(s));
+        }
+    }
+    drop(blocking);
+    tokio_echo.close().await;
+    pool.shutdown(Duration::from_secs(5)).await;
+
+    let mut out = serde_json::Map::new();
+    for (which, name) in CONTENDERS.iter().enumerate() {
+        let f = &figures[which];
+        let pick = |i: usize| f.iter().map(|x| x[i]).collect::<Vec<f64>>();
+        out.insert(
+            (*name).to_owned(),
+            json!({
+                "mean": figure(&pick(0)),
+                "p50": figure(&pick(1)),
+                "p99": figure(&pick(2)),
+                "runs": f.iter().map(|x| json!({"mean": x[0], "p50": x[1], "p99": x[2]})).collect::<Vec<_>>(),
+            }),
+        );
+    }
+    let ratio = |base: usize| {
+        let r: Vec<f64> = figures[2]
+            .iter()
+            .zip(&figures[base])
+            .map(|(p, b)| p[0] / b[0])
+            .collect();
+        figure(&r)
+    };
+    // The floor of each repeat: the faster of the two raw echoes (unpinned, either can land in
+    // the slow mode of a cross-CPU wake-up for a whole repeat).
+    let floor: Vec<f64> = figures[0]
+        .iter()
+        .zip(&figures[1])
+        .map(|(a, b)| a[0].min(b[0]))
+        .collect();
+    let floor_ratio: Vec<f64> = figures[2]
+        .iter()
+        .zip(&floor)
+        .map(|(p, f)| p[0] / f)
+        .collect();
+    out.insert("floor".to_owned(), json!({"mean": figure(&floor)}));
+    Ok(json!({
+        "frame_bytes": frame.len(),
+        "round_trips_per_repeat": o.round_trips,
+        "block": o.block,
+        "warm_up": WARM_UP,
+        "latency_us": out,
+        "pypool_mean_over": {"raw_blocking": ratio(0), "raw_tokio": ratio(1), "floor": figure(&floor_ratio)},
+    }))
+}
+
+/// `n` bare interpreters started at once, each answering one ping: time until all answered.
+async fn bare_start(python: &std::path::Path, n: usize) -> std::io::Result<Duration> {
+    let t = Instant::now();
+    let pings = (0..n).map(|_| async move {
+        let mut child = Command::new(python)
+            .args(["-c", PING_SCRIPT])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut stdin = child
+            .stdin
+            .take()
+            .ok_or(std::io::Error::other("no stdin"))?;
+        stdin.write_all(b"ping\n").await?;
+        let mut line = String::new();
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or(std::io::Error::other("no stdout"))?;
+        BufReader::new(stdout).read_line(&mut line).await?;
+        if line.trim() != "pong" {
+            return Err(std::io::Error::other(format!("answered {line:?}")));
+        }
+        Ok::<_, std::io::Error>(child)
+    });
+    let children = futures::future::try_join_all(pings).await?;
+    let ready = t.elapsed();
+    for mut child in children {
+        child.wait().await?;
+    }
+    Ok(ready)
+}
+
+async fn pool_start(
+    app: &str,
+    n: usize,
+    launcher: Arc<StdioLauncher>,
+) -> Result<Duration, pool_core::Error> {
+    let t = Instant::now();
+    let pool = Pool::start(PoolConfig::new(app).size(n), launcher).await?;
+    let ready = t.elapsed();
+    pool.shutdown(Duration::from_secs(5)).await;
+    Ok(ready)
+}
+
+async fn measure_startup(
+    o: &Options,
+    app: &str,
+    python: &std::path::Path,
+    launcher: Arc<StdioLauncher>,
+) -> Result<Value, Box<dyn std::error::Error>> {
+    let n = o.startup_workers;
+    // One untimed round of each: the runtime is written and byte-compiled, caches are warm.
+    pool_start(app, n, launcher.clone()).await?;
+    bare_start(python, n).await?;
+    let (mut pool_ms, mut bare_ms, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..o.startup_runs {
+        let (pool, bare) = if run % 2 == 0 {
+            let p = pool_start(app, n, launcher.clone()).await?;
+            (p, bare_start(python, n).await?)
+        } else {
+            let b = bare_start(python, n).await?;
+            (pool_start(app, n, launcher.clone()).await?, b)
+        };
+        pool_ms.push(pool.as_secs_f64() * 1e3);
+        bare_ms.push(bare.as_secs_f64() * 1e3);
+        ratios.push(pool.as_secs_f64() / bare.as_secs_f64());
+    }
+    Ok(json!({
+        "workers": n,
+        "runs": o.startup_runs,
+        "bare_ms": figure(&bare_ms),
+        "pypool_ms": figure(&pool_ms),
+        "pypool_over_bare": figure(&ratios),
+    }))
+}
+
+fn fmt(f: &Value) -> String {
+    let g = |k: &str| f[k].as_f64().unwrap_or(f64::NAN);
+    format!("{:.1} ({:.1}–{:.1})", g("median"), g("min"), g("max"))
+}
+
+fn fmt_ratio(f: &Value) -> String {
+    let g = |k: &str| f[k].as_f64().unwrap_or(f64::NAN);
+    format!("{:.2}x ({:.2}–{:.2})", g("median"), g("min"), g("max"))
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let round_trips: usize = std::env::args()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(5000);
+    let o = options()?;
     let app_dir = tempfile::tempdir()?;
     let app = bench::write_bench_app(app_dir.path())?;
     let launcher = Arc::new(StdioLauncher::new());
@@ -46,89 +484,91 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?
         .executable;
 
-    // 1a. Pool round trip.
-    let pool = Pool::start(PoolConfig::new(app.clone()).size(1), launcher.clone()).await?;
-    let pooled = bench::time_pool_calls(&pool, round_trips).await?;
-    pool.shutdown(Duration::from_secs(5)).await;
-
-    // 1b. Raw pipe ping-pong with a frame as large as the pool's CALL frame.
-    let frame = bench::call_sized_frame();
-    let mut child = Command::new(&python)
-        .args(["-c", ECHO_SCRIPT])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut stdin = child.stdin.take().ok_or("no stdin")?;
-    let mut stdout = child.stdout.take().ok_or("no stdout")?;
-    let raw = bench::time_raw_echo(&mut stdin, &mut stdout, &frame, round_trips).await?;
-    drop(stdin);
-    child.wait().await?;
-
-    // 2a. 32 pool workers until ready.
-    let t = Instant::now();
-    let pool = Pool::start(PoolConfig::new(app.clone()).size(32), launcher.clone()).await?;
-    let pool_ready = t.elapsed();
-    pool.shutdown(Duration::from_secs(5)).await;
-
-    // 2b. 32 bare interpreters answering one ping.
-    let t = Instant::now();
-    let pings = (0..32).map(|_| {
-        let python = python.clone();
-        async move {
-            let mut child = Command::new(&python)
-                .args(["-c", PING_SCRIPT])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()?;
-            let mut stdin = child
-                .stdin
-                .take()
-                .ok_or(std::io::Error::other("no stdin"))?;
-            stdin.write_all(b"ping\n").await?;
-            let mut line = String::new();
-            let stdout = child
-                .stdout
-                .take()
-                .ok_or(std::io::Error::other("no stdout"))?;
-            BufReader::new(stdout).read_line(&mut line).await?;
-            child.wait().await?;
-            Ok::<_, std::io::Error>(line)
-        }
+    let mut report = json!({
+        "transport": "stdio",
+        "cpus_allowed": cpus_allowed(),
+        "python": python.display().to_string(),
+        "repeat": o.repeat,
     });
-    for answer in futures::future::join_all(pings).await {
-        assert_eq!(answer?.trim(), "pong");
+    if o.pool_only {
+        let pool = Pool::start(PoolConfig::new(app.clone()).size(1), launcher).await?;
+        pool_block(&pool, WARM_UP).await?;
+        let mut times = pool_block(&pool, o.round_trips * o.repeat).await?;
+        pool.shutdown(Duration::from_secs(5)).await;
+        let [mean, p50, p99] = latency(&mut times);
+        println!("pypool no-op call (stdio), {} sequential: mean {mean:.1} µs, p50 {p50:.1} µs, p99 {p99:.1} µs", times.len());
+        return Ok(());
     }
-    let bare_ready = t.elapsed();
+    if o.latency {
+        report["latency"] = measure_latency(&o, &app, &python, launcher.clone()).await?;
+    }
+    if o.startup {
+        report["startup"] = measure_startup(&o, &app, &python, launcher.clone()).await?;
+    }
+    if o.json {
+        println!("{report}");
+        return Ok(());
+    }
 
     println!(
-        "Round trips: {round_trips} sequential, frame {} bytes, interpreter {}",
-        frame.len(),
-        python.display()
+        "stdio, interpreter {}, CPUs allowed: {}",
+        python.display(),
+        report["cpus_allowed"].as_str().unwrap_or("?")
     );
-    println!();
-    println!("| round trip (µs) | mean | p50 | p99 | mean / raw |");
-    println!("|---|---|---|---|---|");
-    println!(
-        "{}",
-        bench::latency_row("raw pipe ping-pong (floor)", &raw, &raw)
-    );
-    println!(
-        "{}",
-        bench::latency_row("pypool no-op call (stdio)", &pooled, &raw)
-    );
-    println!();
-    println!("| start-up | time | / bare |");
-    println!("|---|---|---|");
-    println!(
-        "| 32 bare interpreters answer one ping | {:.0} ms | 1.00 |",
-        bare_ready.as_secs_f64() * 1e3
-    );
-    println!(
-        "| pypool: 32 workers ready (handshake done) | {:.0} ms | {:.2} |",
-        pool_ready.as_secs_f64() * 1e3,
-        pool_ready.as_secs_f64() / bare_ready.as_secs_f64()
-    );
+    if let Some(l) = report.get("latency") {
+        println!();
+        println!(
+            "Latency: {} repeats of {} sequential round trips (blocks of {}, rotating), frame {} bytes, after {} warm-up ones. Median of the repeats (min–max).",
+            o.repeat, o.round_trips, o.block, l["frame_bytes"], WARM_UP
+        );
+        println!();
+        println!("| round trip (µs) | mean | p50 | p99 | pypool's mean / this |");
+        println!("|---|---|---|---|---|");
+        let names = [
+            ("raw_blocking", "raw pipe echo, blocking Rust I/O"),
+            ("raw_tokio", "raw pipe echo, tokio pipes"),
+            ("pypool", "pypool no-op call (stdio)"),
+        ];
+        let floor = &l["latency_us"]["floor"]["mean"];
+        println!(
+            "| floor: the faster raw echo of each repeat | {} | | | {} |",
+            fmt(floor),
+            fmt_ratio(&l["pypool_mean_over"]["floor"])
+        );
+        for (key, name) in names {
+            let f = &l["latency_us"][key];
+            let vs = match key {
+                "pypool" => "—".to_owned(),
+                other => fmt_ratio(&l["pypool_mean_over"][other]),
+            };
+            println!(
+                "| {name} | {} | {} | {} | {vs} |",
+                fmt(&f["mean"]),
+                fmt(&f["p50"]),
+                fmt(&f["p99"])
+            );
+        }
+    }
+    if let Some(s) = report.get("startup") {
+        println!();
+        println!(
+            "Start-up: {} workers, {} runs alternating (after one untimed run of each). Median (min–max).",
+            s["workers"], s["runs"]
+        );
+        println!();
+        println!("| start-up (ms) | time | / bare |");
+        println!("|---|---|---|");
+        println!(
+            "| {} bare interpreters answer one ping | {} | 1.00 |",
+            s["workers"],
+            fmt(&s["bare_ms"])
+        );
+        println!(
+            "| pypool: {} workers ready (handshake done) | {} | {} |",
+            s["workers"],
+            fmt(&s["pypool_ms"]),
+            fmt_ratio(&s["pypool_over_bare"])
+        );
+    }
     Ok(())
 }

@@ -1102,86 +1102,67 @@ class Worker:
         Items run in slices, each through a C-level ``map`` (a Python loop per item would cost
         as much as a small handler). Between slices the batch looks at the call's cancel flag
         and, on the reader thread, reads whatever has arrived (a CANCEL, a PING); slices grow
-        to take about a millisecond each."""
+        to take about a millisecond each. Results are not inspected here: a result that is
+        not a plain value (a generator, say) is dealt with when the reply fails to encode."""
         on_reader = get_ident() == self._reader_ident
         pending = self._pending
         clock = time.perf_counter
+        run = self._batch_runner(call, items)
         results = []
         errors = []
+        remaining = iter(items)
         count = len(items)
-        start = 0
         step = 1
-        while start < count:
+        while len(results) < count:
             if on_reader and pending():
                 self._read_pending()
             if call.cancelled:
                 self._send_cancelled(call)
                 return
-            end = min(count, start + step)
+            done = len(results)
             began = clock()
-            if not self._run_slice(call, items[start:end], results, errors):
+            if not self._run_slice(call, run, itertools.islice(remaining, step), results, errors):
                 return  # answered already: the call was cancelled, or the worker is exiting
-            per_item = (clock() - began) / (end - start)
+            per_item = (clock() - began) / max(1, len(results) - done)
             fits = int(_BATCH_LOOK_SECONDS / per_item) if per_item > 0 else _MAX_SLICE
             step = max(1, min(step * 8, fits, _MAX_SLICE))
-            start = end
         self._send_batch(call, results, errors)
 
-    def _run_slice(self, call, chunk, results, errors):
-        """Run the handler on each item of ``chunk``, appending results (None for a failed
-        item) and errors. False if the call must end here (it has been answered)."""
+    @staticmethod
+    def _batch_runner(call, items):
+        """A function that maps an iterator of the items' arguments to their results, through
+        a C-level map for the argument shape the items share."""
         handler_ = call.handler
         fn = handler_.fn
         if handler_.wants_ctx:
             ctx = call.context()
             bind = handler_.bind
+            return lambda it: map(lambda args: _apply_bound(fn, bind(args, ctx)), it)
+        kinds = set(map(type, items))
+        kind = kinds.pop() if len(kinds) == 1 else object
+        if kind is list:
+            return lambda it: itertools.starmap(fn, it)
+        if kind is dict:
+            return lambda it: map(lambda kw: fn(**kw), it)
+        if kind is object:  # arguments of several shapes
+            return lambda it: map(lambda args: _apply(fn, args), it)
+        if kind is type(None):
+            return lambda it: map(lambda _: fn(), it)
+        return lambda it: map(fn, it)  # one scalar argument each
 
-            def run(it):
-                return map(lambda args: _apply_bound(fn, bind(args, ctx)), it)
-        else:
-            kinds = set(map(type, chunk))
-            kind = kinds.pop() if len(kinds) == 1 else object
-            if kind is list:
-                def run(it):
-                    return itertools.starmap(fn, it)
-            elif kind is dict:
-                def run(it):
-                    return map(lambda kw: fn(**kw), it)
-            elif kind is object:  # arguments of several shapes
-                def run(it):
-                    return map(lambda args: _apply(fn, args), it)
-            elif kind is type(None):
-                def run(it):
-                    return map(lambda _: fn(), it)
-            else:  # one scalar argument each
-                def run(it):
-                    return map(fn, it)
-        first = len(results)
-        it = iter(chunk)
+    def _run_slice(self, call, run, it, results, errors):
+        """Run the handler on each item ``it`` yields, appending results (None for a failed
+        item) and errors. False if the call must end here (it has been answered)."""
         while True:
             try:
                 results.extend(run(it))  # keeps the results before an item that raises
-                break
+                return True
             except BaseException as exc:
                 if isinstance(exc, SystemExit) or (isinstance(exc, Cancelled) and call.cancelled):
                     self._fail(call, exc)
                     return False
                 errors.append({"index": len(results), "error": error_info(exc)})
                 results.append(None)
-        if not _PLAIN_RESULTS.issuperset(map(type, results[first:])):
-            for index in range(first, len(results)):
-                value = results[index]
-                if type(value) in _PLAIN_RESULTS:
-                    continue
-                try:
-                    results[index] = self._settle_item(value)
-                except BaseException as exc:
-                    if isinstance(exc, SystemExit):
-                        self._fail(call, exc)
-                        return False
-                    errors.append({"index": index, "error": error_info(exc)})
-                    results[index] = None
-        return True
 
     @staticmethod
     def _settle_item(value):
@@ -1225,6 +1206,17 @@ class Worker:
             for index, value in enumerate(results):
                 if index in failed:
                     continue
+                if type(value) not in _PLAIN_RESULTS:
+                    try:
+                        # A stream becomes its list of items, as a plain call's does.
+                        results[index] = value = self._settle_item(value)
+                    except BaseException as exc:
+                        if isinstance(exc, SystemExit):
+                            self._fail(call, exc)
+                            return
+                        results[index] = None
+                        errors.append({"index": index, "error": error_info(exc)})
+                        continue
                 try:
                     encode({"type": "chunk", "id": call.id, "seq": 0, "value": value})
                 except Exception as exc:

@@ -1,7 +1,6 @@
 //! `Pool::map` and `Pool::map_unordered`: many calls of one command, packed into chunks that
 //! each travel as one batch CALL, with a bounded number of chunks in flight.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::num::NonZeroUsize;
 use std::pin::Pin;
@@ -244,7 +243,10 @@ struct Driver<Q> {
     stop_on_error: bool,
     checked: bool,
     running: Q,
-    ready: VecDeque<(usize, Result<Payload, Error>)>,
+    /// The results of the chunk being handed out, and the position of the next one.
+    current: Option<(usize, std::vec::IntoIter<Result<Payload, Error>>)>,
+    /// The error that ends the map, yielded after `current`.
+    last: Option<(usize, Error)>,
     done: bool,
 }
 
@@ -266,15 +268,28 @@ impl<Q: ChunkQueue + Default> Driver<Q> {
             held: None,
             checked: false,
             running: Q::default(),
-            ready: VecDeque::new(),
+            current: None,
+            last: None,
             done: false,
         }
     }
 
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<(usize, Result<Payload, Error>)>> {
         loop {
-            if let Some(item) = self.ready.pop_front() {
-                return Poll::Ready(Some(item));
+            if let Some((index, results)) = &mut self.current {
+                if let Some(result) = results.next() {
+                    let item = (*index, result);
+                    *index += 1;
+                    if item.1.is_err() && self.stop_on_error {
+                        // The error is the last thing the stream yields.
+                        self.end();
+                    }
+                    return Poll::Ready(Some(item));
+                }
+                self.current = None;
+            }
+            if let Some(last) = self.last.take() {
+                return Poll::Ready(Some((last.0, Err(last.1))));
             }
             if self.done {
                 return Poll::Ready(None);
@@ -317,24 +332,22 @@ impl<Q: ChunkQueue + Default> Driver<Q> {
             return;
         }
         self.sizing.learn(done.sent, done.took);
-        for (offset, result) in done.results.into_iter().enumerate() {
-            let failed = result.is_err();
-            self.ready.push_back((done.start + offset, result));
-            if failed && self.stop_on_error {
-                // The error is the last thing the stream yields.
-                self.end();
-                return;
-            }
-        }
+        self.current = Some((done.start, done.results.into_iter()));
     }
 
-    /// The map as a whole failed: the stream yields `err` after what is ready and ends.
+    /// The map as a whole failed: the stream yields `err` after the results being handed out
+    /// and ends.
     fn end_with(&mut self, err: Error) {
-        self.ready.push_back((self.next_index, Err(err)));
+        self.last = Some((self.next_index, err));
         self.end();
     }
 
+    /// Stops reading and cancels the chunks in flight (the results being handed out stay,
+    /// unless the map stops at an error).
     fn end(&mut self) {
+        if self.stop_on_error {
+            self.current = None;
+        }
         self.done = true;
         self.items = None;
         self.held = None;
@@ -413,13 +426,13 @@ async fn run_chunk(
 ) -> ChunkDone {
     let started = Instant::now();
     let count = chunk.slots.len();
-    let mut results: Vec<Option<Result<Payload, Error>>> = Vec::with_capacity(count);
-    let mut sent_at = Vec::with_capacity(count); // position in the chunk of each item sent
+    // Items that failed before sending, by position in the chunk; the others are sent.
+    let mut failed_before: Vec<(usize, Error)> = Vec::new();
     let mut values = Vec::with_capacity(count);
     let mut attachments = Vec::new();
     for (position, slot) in chunk.slots.into_iter().enumerate() {
         match slot {
-            Slot::Failed(err) => results.push(Some(Err(err))),
+            Slot::Failed(err) => failed_before.push((position, err)),
             Slot::Send(payload) => {
                 let mut value = payload.value;
                 if !payload.attachments.is_empty() {
@@ -428,13 +441,13 @@ async fn run_chunk(
                     attachments.extend(payload.attachments);
                 }
                 values.push(value);
-                sent_at.push(position);
-                results.push(None);
             }
         }
     }
-    let sent = sent_at.len();
+    let sent = values.len();
     let mut fatal = None;
+    // The sent items' results, in the order they were sent.
+    let mut answered: Vec<Result<Payload, Error>> = Vec::new();
     if sent > 0 {
         let batch = Payload {
             value: Value::Array(values),
@@ -449,19 +462,17 @@ async fn run_chunk(
                 let worker = answer.worker.unwrap_or_default();
                 match split(answer.value, sent) {
                     Ok(parts) => {
-                        for (position, part) in sent_at.iter().zip(parts) {
-                            results[*position] = Some(Ok(part));
-                        }
+                        answered = parts.into_iter().map(Ok).collect();
                         for failure in answer.failed {
-                            let position = usize::try_from(failure.index)
+                            let slot = usize::try_from(failure.index)
                                 .ok()
-                                .and_then(|i| sent_at.get(i));
-                            if let Some(position) = position {
-                                results[*position] = Some(Err(Error::Handler {
+                                .and_then(|i| answered.get_mut(i));
+                            if let Some(slot) = slot {
+                                *slot = Err(Error::Handler {
                                     context: context.clone(),
                                     worker: worker.clone(),
                                     error: Box::new(failure.error),
-                                }));
+                                });
                             }
                         }
                     }
@@ -471,27 +482,32 @@ async fn run_chunk(
                             worker,
                             message,
                         };
-                        for position in &sent_at {
-                            results[*position] = Some(Err(err.clone()));
-                        }
+                        answered = vec![Err(err); sent];
                     }
                 }
             }
             Err(err) if ends_the_map(&err) => fatal = Some(err),
-            Err(err) => {
-                for position in &sent_at {
-                    results[*position] = Some(Err(err.clone()));
-                }
-            }
+            Err(err) => answered = vec![Err(err); sent],
         }
     }
+    let results = if failed_before.is_empty() {
+        answered
+    } else {
+        // Put the items that failed before sending back in their places.
+        let mut answered = answered.into_iter();
+        let mut failed_before = failed_before.into_iter().peekable();
+        (0..count)
+            .map(
+                |position| match failed_before.next_if(|(p, _)| *p == position) {
+                    Some((_, err)) => Err(err),
+                    None => answered.next().unwrap_or_else(|| Err(missing(&context))),
+                },
+            )
+            .collect()
+    };
     ChunkDone {
         start: chunk.start,
-        // Every place was filled above: failed before sending, or by the reply or its failure.
-        results: results
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(missing(&context))))
-            .collect(),
+        results,
         fatal,
         sent,
         took: started.elapsed(),

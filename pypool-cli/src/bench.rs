@@ -9,7 +9,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use pypool::{Payload, Pool, PoolConfig};
+use futures::StreamExt;
+use pypool::{MapOptions, Payload, Pool, PoolConfig};
 use serde::Serialize;
 use serde_json::json;
 
@@ -30,28 +31,36 @@ pub struct Workload {
     pub calls: u64,
     /// 0: the no-op (a small int in, the same int out); otherwise the size of a binary echo.
     pub payload: usize,
+    /// Items per chunk in the map modes; 0 for the pool's automatic choice.
+    pub chunksize: usize,
 }
 
 /// How the bench drives the pool. Each mode is one function that runs the workload on a started
 /// pool ([`drive_pool`]); a mode that drives the pool differently (e.g. `Pool::map`) is one more
 /// variant and one more function.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// CONCURRENCY callers, each making one `pool.call` at a time.
     Call,
+    /// One `pool.map` over all the calls (results in input order).
+    Map,
+    /// One `pool.map_unordered` over all the calls (results as they complete).
+    MapUnordered,
 }
 
 impl Mode {
     /// The mode the command line asks for.
-    pub fn of(_args: &BenchArgs) -> Mode {
-        Mode::Call
+    pub fn of(args: &BenchArgs) -> Mode {
+        args.mode
     }
 
     /// Its name in the tables: `pypool <name> (<transport>)`.
     pub fn name(self) -> &'static str {
         match self {
             Mode::Call => "call",
+            Mode::Map => "map",
+            Mode::MapUnordered => "map_unordered",
         }
     }
 }
@@ -89,6 +98,7 @@ pub async fn run(global: &Global, args: BenchArgs) -> Result<ExitCode, Failure> 
         concurrency: args.concurrency as usize,
         calls: args.calls,
         payload: args.payload as usize,
+        chunksize: args.chunksize,
     };
     let mode = Mode::of(&args);
     if args.baseline && !matches!(args.transport.as_str(), "stdio" | "ipc") {
@@ -240,6 +250,98 @@ impl PoolBench {
 async fn drive_pool(pool: &Pool, mode: Mode, w: Workload, bar: &indicatif::ProgressBar) -> Driven {
     match mode {
         Mode::Call => drive_calls(pool, w, bar).await,
+        Mode::Map | Mode::MapUnordered => drive_map(pool, mode, w, bar).await,
+    }
+}
+
+/// One map over all the calls' arguments, as `Pool::map` or `Pool::map_unordered`; every result
+/// is checked as `drive_calls` checks a call's.
+async fn drive_map(pool: &Pool, mode: Mode, w: Workload, bar: &indicatif::ProgressBar) -> Driven {
+    let data = Bytes::from(vec![b'x'; w.payload]);
+    let payload = w.payload;
+    let items = (0..w.calls).map(move |index| {
+        if payload == 0 {
+            // One positional argument, as imap_unordered's f(i).
+            return Payload::new(json!(index));
+        }
+        let mut args = Payload::default();
+        let placeholder = args.attach(data.clone());
+        args.value = json!({ "value": placeholder });
+        args
+    });
+    let check = |index: u64, result: pypool::Result<Payload>| -> Result<(), String> {
+        let reply = result.map_err(|err| err.to_string())?;
+        if payload == 0 {
+            return match reply.value == json!(index) {
+                true => Ok(()),
+                false => Err(format!("echo({index}) returned {}", reply.value)),
+            };
+        }
+        match reply.as_bytes() {
+            Some(bytes) if bytes.len() == payload => Ok(()),
+            Some(bytes) => Err(format!(
+                "echo returned {} bytes instead of {payload}",
+                bytes.len()
+            )),
+            None => Err(format!("echo returned {} instead of bytes", reply.value)),
+        }
+    };
+    let options = MapOptions::new().chunksize(w.chunksize);
+    let mut outcome = MapOutcome::default();
+    let started = Instant::now();
+    match mode {
+        Mode::Map => {
+            let mut results = pool.map_with("echo", items, options);
+            let mut index = 0u64;
+            while let Some(result) = results.next().await {
+                outcome.record(check(index, result), bar);
+                index += 1;
+            }
+        }
+        _ => {
+            let mut results = pool.map_unordered_with("echo", items, options);
+            while let Some((index, result)) = results.next().await {
+                outcome.record(check(index as u64, result), bar);
+            }
+        }
+    }
+    let duration = started.elapsed();
+    // A map that ended early (its command unknown, the pool stopping) made fewer calls.
+    let missing = w.calls.saturating_sub(outcome.calls);
+    if missing > 0 {
+        outcome.errors += missing;
+        outcome
+            .first_error
+            .get_or_insert_with(|| format!("{missing} items got no result"));
+    }
+    Driven {
+        histogram: crate::measure::histogram(),
+        calls: w.calls,
+        errors: outcome.errors,
+        first_error: outcome.first_error,
+        duration,
+        per_call_latency: false,
+    }
+}
+
+/// What a map run saw, item by item.
+#[derive(Default)]
+struct MapOutcome {
+    calls: u64,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+impl MapOutcome {
+    fn record(&mut self, checked: Result<(), String>, bar: &indicatif::ProgressBar) {
+        self.calls += 1;
+        if let Err(err) = checked {
+            self.errors += 1;
+            self.first_error.get_or_insert(err);
+        }
+        if self.calls % 1024 == 0 {
+            bar.inc(1024);
+        }
     }
 }
 
@@ -376,8 +478,10 @@ fn print_human(report: &Report, default_prefetch: bool) {
             ])
         })
         .collect();
-    print!("{}", compact_table(&headers, rows));
-    println!();
+    if !rows.is_empty() {
+        print!("{}", compact_table(&headers, rows));
+        println!();
+    }
 
     // Start-up: every contender.
     let headers = ["start-up", "time", if several { "min–max" } else { "" }];

@@ -256,6 +256,18 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub repeat: u32,
 
+    /// How the calls are made: `call` (CONCURRENCY callers, one `pool.call` at a time each),
+    /// `map` (one `pool.map` over all the calls, results in order) or `map-unordered`
+    /// (`pool.map_unordered`, the counterpart of `imap_unordered`). The map modes report no
+    /// per-call latency.
+    #[arg(long, value_name = "MODE", value_enum, default_value = "call")]
+    pub mode: crate::bench::Mode,
+
+    /// Items per chunk in the map modes (0: the pool's automatic choice, which for a batch of
+    /// known length is Pool.map's, at most 1024).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub chunksize: usize,
+
     /// Also run the same workload on the raw channel (the floor) and on Python's own pools
     /// (multiprocessing.Pool.imap_unordered with chunksize 1 and with Pool.map's automatic
     /// chunksize, ProcessPoolExecutor.map, Pool.apply and ProcessPoolExecutor.submit from

@@ -69,6 +69,8 @@ pub struct Driven {
     pub errors: u64,
     pub first_error: Option<String>,
     pub duration: Duration,
+    /// Whether the histogram holds each call's latency (not for a map: its items have none).
+    pub per_call_latency: bool,
 }
 
 impl Driven {
@@ -85,7 +87,7 @@ impl Driven {
             } else {
                 0.0
             },
-            latency_us: Some(Latency::of(&self.histogram)),
+            latency_us: self.per_call_latency.then(|| Latency::of(&self.histogram)),
             first_error: self.first_error.clone(),
         }
     }
@@ -161,6 +163,7 @@ where
         errors,
         first_error,
         duration: started.elapsed(),
+        per_call_latency: true,
     }
 }
 

@@ -28,6 +28,6 @@ pub use payload::{placeholder_index, Payload};
 pub use pool::{CallOptions, CallStream, MapOptions, MapStream, MapUnordered, Pool, SessionEvent};
 pub use session::Session;
 pub use stats::{
-    BreakerState, Counters, Gauges, Health, HealthState, LatencySummary, PoolStats, PoolStatus,
-    SessionStatus, WorkerState, WorkerStatus,
+    BreakerState, CallEvent, CallObserver, CallObserverId, Counters, Gauges, Health, HealthState,
+    LatencySummary, PoolStats, PoolStatus, SessionStatus, WorkerState, WorkerStatus,
 };

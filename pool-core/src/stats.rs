@@ -1,11 +1,11 @@
 //! Counters, gauges and latency histograms, and the serialisable snapshots the pool reports.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Affinity;
@@ -32,7 +32,89 @@ pub(crate) struct Metrics {
     pub late_replies: Arc<AtomicU64>,
     queue_wait: Mutex<Histogram<u64>>,
     call_time: Mutex<Histogram<u64>>,
+    /// The attached [`CallObserver`]s, replaced as a whole when one is attached or detached, so
+    /// that notifying them holds no lock.
+    observers: RwLock<Observers>,
+    /// Whether `observers` is not empty: without observers, a sample costs this one load.
+    observed: AtomicBool,
+    next_observer: AtomicU64,
 }
+
+/// A measurement of one call, handed to every [`CallObserver`] of its pool as it is taken.
+///
+/// These are the samples behind [`PoolStats::queue_wait`] and [`PoolStats::call_time`]: an
+/// observer sees each of them once, when the pool records it. A [`map`](crate::Pool::map) sends
+/// its items in chunks, and each chunk is one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CallEvent {
+    /// A call got a worker: `waited` is the time from asking for one to getting it (its wait in
+    /// the queue). Every call that reaches a worker has one, whatever its outcome.
+    #[non_exhaustive]
+    CheckedOut {
+        /// Time from asking for a worker to getting one.
+        waited: Duration,
+    },
+    /// A call succeeded: `took` is its execution time, from sending it to the worker to its final
+    /// reply (queue wait not included). Failed calls have none.
+    #[non_exhaustive]
+    Succeeded {
+        /// Time from sending the call to its final reply.
+        took: Duration,
+    },
+}
+
+/// Sees every call's measurements as the pool takes them: attach one with
+/// [`Pool::add_call_observer`](crate::Pool::add_call_observer), for instance to feed a metrics
+/// library's histograms with every sample instead of sampling [`Pool::stats`](crate::Pool::stats).
+///
+/// [`observe`](CallObserver::observe) runs on the calling task, inside the call path: it must be
+/// quick, must not block, and must not panic. Any `Fn(CallEvent) + Send + Sync` closure is an
+/// observer.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use std::sync::Arc;
+/// use pool_core::{CallEvent, Pool};
+///
+/// async fn count_slow_calls(pool: &Pool) -> pool_core::Result<u64> {
+///     let slow = Arc::new(AtomicU64::new(0));
+///     let counted = slow.clone();
+///     let id = pool.add_call_observer(Arc::new(move |event: CallEvent| {
+///         if let CallEvent::Succeeded { took, .. } = event {
+///             if took.as_secs_f64() > 0.1 {
+///                 counted.fetch_add(1, Ordering::Relaxed);
+///             }
+///         }
+///     }));
+///     pool.call("predict", ()).await?;
+///     pool.remove_call_observer(id);
+///     Ok(slow.load(Ordering::Relaxed))
+/// }
+/// ```
+pub trait CallObserver: Send + Sync {
+    /// Called with each measurement, on the task that made the call.
+    fn observe(&self, event: CallEvent);
+}
+
+impl<F> CallObserver for F
+where
+    F: Fn(CallEvent) + Send + Sync,
+{
+    fn observe(&self, event: CallEvent) {
+        self(event)
+    }
+}
+
+/// Names an attached [`CallObserver`], to detach it with
+/// [`Pool::remove_call_observer`](crate::Pool::remove_call_observer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CallObserverId(u64);
+
+/// The attached call observers, by id.
+type Observers = Arc<[(CallObserverId, Arc<dyn CallObserver>)]>;
 
 fn histogram() -> Histogram<u64> {
     // 1 µs to 1 hour at 3 significant digits; the bounds are constants, so this cannot fail.
@@ -61,6 +143,43 @@ impl Metrics {
             late_replies: Arc::new(AtomicU64::new(0)),
             queue_wait: Mutex::new(histogram()),
             call_time: Mutex::new(histogram()),
+            observers: RwLock::new(Arc::new([])),
+            observed: AtomicBool::new(false),
+            next_observer: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn add_observer(&self, observer: Arc<dyn CallObserver>) -> CallObserverId {
+        let id = CallObserverId(self.next_observer.fetch_add(1, Ordering::Relaxed));
+        let mut observers = self.observers.write();
+        let mut list = observers.to_vec();
+        list.push((id, observer));
+        *observers = list.into();
+        self.observed.store(true, Ordering::Release);
+        id
+    }
+
+    pub(crate) fn remove_observer(&self, id: CallObserverId) -> bool {
+        let mut observers = self.observers.write();
+        let before = observers.len();
+        let list: Vec<_> = observers
+            .iter()
+            .filter(|(o, _)| *o != id)
+            .cloned()
+            .collect();
+        let removed = list.len() < before;
+        self.observed.store(!list.is_empty(), Ordering::Release);
+        *observers = list.into();
+        removed
+    }
+
+    fn notify(&self, event: CallEvent) {
+        if !self.observed.load(Ordering::Acquire) {
+            return;
+        }
+        let observers = self.observers.read().clone();
+        for (_, observer) in observers.iter() {
+            observer.observe(event);
         }
     }
 
@@ -70,10 +189,12 @@ impl Metrics {
 
     pub(crate) fn record_queue_wait(&self, waited: Duration) {
         self.queue_wait.lock().saturating_record(micros(waited));
+        self.notify(CallEvent::CheckedOut { waited });
     }
 
     pub(crate) fn record_call_time(&self, took: Duration) {
         self.call_time.lock().saturating_record(micros(took));
+        self.notify(CallEvent::Succeeded { took });
     }
 
     pub(crate) fn counters(&self) -> Counters {
@@ -353,4 +474,42 @@ pub struct Health {
     pub last_launch_error: Option<String>,
     /// Time since the pool started.
     pub uptime_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn observers_see_every_sample_until_removed() {
+        let metrics = Metrics::new();
+        // Nothing attached: samples are only recorded.
+        metrics.record_queue_wait(Duration::from_millis(1));
+
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let first = {
+            let seen = seen.clone();
+            metrics.add_observer(Arc::new(move |event| seen.lock().push((1, event))))
+        };
+        let second = {
+            let seen = seen.clone();
+            metrics.add_observer(Arc::new(move |event| seen.lock().push((2, event))))
+        };
+        metrics.record_queue_wait(Duration::from_millis(2));
+        assert!(metrics.remove_observer(first));
+        assert!(!metrics.remove_observer(first), "already removed");
+        metrics.record_call_time(Duration::from_millis(3));
+        assert!(metrics.remove_observer(second));
+        metrics.record_call_time(Duration::from_millis(4));
+
+        let waited = |ms| CallEvent::CheckedOut {
+            waited: Duration::from_millis(ms),
+        };
+        let took = |ms| CallEvent::Succeeded {
+            took: Duration::from_millis(ms),
+        };
+        assert_eq!(*seen.lock(), [(1, waited(2)), (2, waited(2)), (2, took(3))]);
+        assert_eq!(metrics.queue_wait().count, 2);
+        assert_eq!(metrics.call_time().count, 2);
+    }
 }

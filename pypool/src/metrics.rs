@@ -1,12 +1,19 @@
 //! Pool statistics published through the `metrics` crate facade (feature `metrics`).
 //!
 //! pool-core keeps its own counters, gauges and latency histograms ([`Pool::stats`],
-//! [`Pool::status`]) so that it needs no metrics library. This module turns them into `metrics`
-//! counters and gauges: a [`MetricsExporter`] is a small task that samples a pool periodically
-//! (every [`DEFAULT_INTERVAL`] unless told otherwise) and sets every value below, labelled with the
-//! pool's name, on whatever recorder the program installed (Prometheus, StatsD, …). Because the
-//! values are samples, a scrape can be up to one interval behind the pool; call [`record`] for a
-//! sample right now, and [`MetricsExporter::stop`] takes a last one.
+//! [`Pool::status`]) so that it needs no metrics library. This module hands them to whatever
+//! recorder the program installed (Prometheus, StatsD, …), labelled with the pool's name, in two
+//! ways:
+//!
+//! - the latencies as real histograms: a [call observer](call_observer) records every call's
+//!   queue wait and execution time with `metrics::histogram!` the moment the pool measures it;
+//! - the counters and gauges as samples: a [`MetricsExporter`] is a small task that samples the
+//!   pool periodically (every [`DEFAULT_INTERVAL`] unless told otherwise), so a scrape can be up
+//!   to one interval behind the pool; call [`record`] for a sample right now, and
+//!   [`MetricsExporter::stop`] takes a last one.
+//!
+//! [`MetricsExporter::spawn`] does both. Install the recorder first: the histograms are
+//! registered with the recorder installed when the observer is made.
 //!
 //! # Metrics
 //!
@@ -27,16 +34,14 @@
 //! | `pypool_waiters` | gauge | | callers queued for a worker |
 //! | `pypool_sessions` | gauge | | sessions in the registry |
 //! | `pypool_circuit_breaker` | gauge | `state` = `closed` \| `open` \| `half_open` | 1 for the breaker's current state, 0 for the others |
-//! | `pypool_queue_wait_seconds` | gauge | `quantile` = `0.5` \| `0.9` \| `0.99` \| `0.999` \| `1` | time from asking for a worker to getting one |
-//! | `pypool_queue_wait_seconds_count` | counter | | samples behind `pypool_queue_wait_seconds` |
-//! | `pypool_queue_wait_seconds_sum` | gauge | | their sum, in seconds |
-//! | `pypool_call_duration_seconds` | gauge | `quantile` (as above) | execution time: from sending the call to the worker to its final reply (queue wait not included); successful calls only |
-//! | `pypool_call_duration_seconds_count` | counter | | samples behind `pypool_call_duration_seconds` |
-//! | `pypool_call_duration_seconds_sum` | gauge | | their sum, in seconds |
+//! | `pypool_queue_wait_seconds` | histogram | | time from asking for a worker to getting one, for every call that got one |
+//! | `pypool_call_duration_seconds` | histogram | | execution time: from sending the call to the worker to its final reply (queue wait not included); successful calls only |
 //!
-//! The two latency distributions are published in the shape of a Prometheus *summary* (quantile
-//! gauges plus `_count` and `_sum`), because pool-core exposes them as percentiles of its own HDR
-//! histograms, not as individual samples; the quantiles cover the pool's whole life.
+//! The histograms hold every sample since the observer was attached (a [map](crate::Pool::map)
+//! counts each chunk it sends as one call). In Prometheus they are histograms (`_bucket{le}`,
+//! `_sum`, `_count`) with the bounds [`LATENCY_BUCKETS`] when the recorder was built by
+//! [`serve_prometheus`] or from [`prometheus_builder`]; a Prometheus recorder built without
+//! buckets for them renders them as summaries.
 //!
 //! # Example
 //!
@@ -45,7 +50,8 @@
 //! use std::time::Duration;
 //! use pypool::metrics::{serve_prometheus, MetricsExporter};
 //!
-//! // Serve http://127.0.0.1:9464/metrics (installs the global recorder), then publish the pool.
+//! // Serve http://127.0.0.1:9464/metrics (installs the global recorder), then publish the pool:
+//! // its counters and gauges every second, its latencies call by call.
 //! let endpoint = serve_prometheus("127.0.0.1:9464".parse().unwrap()).await?;
 //! let exporter = MetricsExporter::spawn(&pool, Duration::from_secs(1));
 //! // ... the service runs ...
@@ -57,21 +63,66 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use ::metrics::{counter, describe_counter, describe_gauge, gauge, Unit};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use ::metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::{BreakerState, LatencySummary, Pool};
+use crate::{BreakerState, CallEvent, CallObserver, CallObserverId, Pool};
 
 /// How often a [`MetricsExporter`] samples its pool unless told otherwise.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The queue-wait histogram's name.
+const QUEUE_WAIT: &str = "pypool_queue_wait_seconds";
+/// The execution-time histogram's name.
+const CALL_DURATION: &str = "pypool_call_duration_seconds";
+
+/// Upper bounds, in seconds, of the latency histograms' buckets in Prometheus: from 50 µs (a
+/// free worker handed over, a trivial handler) to 60 s (the default `call_timeout`), about three
+/// to a decade. Prometheus adds `+Inf`.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// A Prometheus exporter builder that renders pypool's latency histograms as Prometheus
+/// histograms with [`LATENCY_BUCKETS`]. Start from it when you install the Prometheus recorder
+/// yourself instead of with [`serve_prometheus`].
+pub fn prometheus_builder() -> PrometheusBuilder {
+    [QUEUE_WAIT, CALL_DURATION]
+        .into_iter()
+        .try_fold(PrometheusBuilder::new(), |builder, name| {
+            builder.set_buckets_for_metric(Matcher::Full(name.to_owned()), LATENCY_BUCKETS)
+        })
+        .expect("LATENCY_BUCKETS is not empty")
+}
+
+/// A call observer that records every call of `pool` in the latency histograms
+/// (`pypool_queue_wait_seconds`, `pypool_call_duration_seconds`, labelled with the pool's name)
+/// on the recorder installed now. Attach it with [`Pool::add_call_observer`];
+/// [`MetricsExporter::spawn`] does.
+pub fn call_observer(pool: &Pool) -> Arc<dyn CallObserver> {
+    let name = pool.name().to_owned();
+    // Registered once: a sample is then one record on the recorder's histogram, no lookup.
+    let queue_wait = histogram!(QUEUE_WAIT, "pool" => name.clone());
+    let call_duration = histogram!(CALL_DURATION, "pool" => name);
+    Arc::new(move |event: CallEvent| match event {
+        CallEvent::CheckedOut { waited, .. } => queue_wait.record(waited.as_secs_f64()),
+        CallEvent::Succeeded { took, .. } => call_duration.record(took.as_secs_f64()),
+        _ => {}
+    })
+}
+
 /// Registers the description and unit of every pypool metric with the installed recorder.
 ///
-/// [`MetricsExporter::spawn`] calls it; call it yourself only if you use [`record`] alone.
+/// [`MetricsExporter::spawn`] calls it; call it yourself only if you use [`record`] and
+/// [`call_observer`] alone.
 pub fn describe() {
     describe_counter!("pypool_calls_total", "Finished calls, by outcome.");
     describe_counter!(
@@ -106,19 +157,20 @@ pub fn describe() {
         "pypool_circuit_breaker",
         "1 for the circuit breaker's current state, 0 for the others."
     );
-    describe_gauge!(
-        "pypool_queue_wait_seconds",
+    describe_histogram!(
+        QUEUE_WAIT,
         Unit::Seconds,
-        "Time from asking for a worker to getting one (quantiles since the pool started)."
+        "Time from asking for a worker to getting one."
     );
-    describe_gauge!(
-        "pypool_call_duration_seconds",
+    describe_histogram!(
+        CALL_DURATION,
         Unit::Seconds,
-        "Execution time from sending a call to its final reply, queue wait not included; successful calls (quantiles since the pool started)."
+        "Execution time from sending a call to its final reply, queue wait not included; successful calls."
     );
 }
 
-/// Takes one sample of `pool` and sets every pypool metric on the installed recorder.
+/// Takes one sample of `pool` and sets every pypool counter and gauge on the installed recorder
+/// (the latency histograms are recorded call by call by [`call_observer`]).
 pub fn record(pool: &Pool) {
     let stats = pool.stats();
     let status = pool.status();
@@ -177,60 +229,54 @@ pub fn record(pool: &Pool) {
         let on = if status.breaker == state { 1.0 } else { 0.0 };
         gauge!("pypool_circuit_breaker", "pool" => name.clone(), "state" => label).set(on);
     }
-
-    summary(
-        &name,
-        &stats.queue_wait,
-        [
-            "pypool_queue_wait_seconds",
-            "pypool_queue_wait_seconds_count",
-            "pypool_queue_wait_seconds_sum",
-        ],
-    );
-    summary(
-        &name,
-        &stats.call_time,
-        [
-            "pypool_call_duration_seconds",
-            "pypool_call_duration_seconds_count",
-            "pypool_call_duration_seconds_sum",
-        ],
-    );
 }
 
-/// Publishes a latency summary as quantile gauges (`base`) plus the `count` and `sum` metrics.
-fn summary(pool: &str, latency: &LatencySummary, [base, count, sum]: [&'static str; 3]) {
-    let seconds = |us: u64| us as f64 / 1e6;
-    for (quantile, value) in [
-        ("0.5", latency.p50_us),
-        ("0.9", latency.p90_us),
-        ("0.99", latency.p99_us),
-        ("0.999", latency.p999_us),
-        ("1", latency.max_us),
-    ] {
-        gauge!(base, "pool" => pool.to_owned(), "quantile" => quantile).set(seconds(value));
-    }
-    counter!(count, "pool" => pool.to_owned()).absolute(latency.count);
-    gauge!(sum, "pool" => pool.to_owned()).set(latency.mean_us * latency.count as f64 / 1e6);
-}
-
-/// A task that samples a pool into the `metrics` facade every interval (see the
-/// [module documentation](self) for the metrics).
+/// Publishes a pool (see the [module documentation](self) for the metrics): a task that
+/// samples its counters and gauges into the `metrics` facade every interval, and a
+/// [call observer](call_observer) that records every call in the latency histograms.
 ///
-/// The task holds a handle on the pool, so a pool with a running exporter is not dropped (and its
-/// workers not killed) until the exporter stops: it stops by itself once the pool is shutting
-/// down, when [`stop`](MetricsExporter::stop) is called, or when the exporter is dropped.
+/// The exporter holds a handle on the pool, so a pool with an exporter is not dropped (and its
+/// workers not killed) until the exporter is [stopped](MetricsExporter::stop) or dropped. Its
+/// sampling task also ends by itself once the pool is shutting down; the observer stays attached
+/// until the exporter stops, so calls that finish during a shutdown are still recorded.
 #[derive(Debug)]
 pub struct MetricsExporter {
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+    observer: Option<Attached>,
+}
+
+/// A call observer attached to a pool, detached when this is dropped.
+struct Attached {
+    pool: Pool,
+    id: CallObserverId,
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        self.pool.remove_call_observer(self.id);
+    }
+}
+
+impl std::fmt::Debug for Attached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attached")
+            .field("pool", &self.pool.name())
+            .field("id", &self.id)
+            .finish()
+    }
 }
 
 impl MetricsExporter {
-    /// Registers the metric descriptions, takes a first sample at once and then one every
-    /// `interval`. Must be called within a tokio runtime.
+    /// Registers the metric descriptions, attaches the [call observer](call_observer), takes a
+    /// first sample at once and then one every `interval`. Must be called within a tokio
+    /// runtime, after the recorder is installed.
     pub fn spawn(pool: &Pool, interval: Duration) -> Self {
         describe();
+        let observer = Attached {
+            pool: pool.clone(),
+            id: pool.add_call_observer(call_observer(pool)),
+        };
         let pool = pool.clone();
         let (stop, mut stopped) = oneshot::channel::<()>();
         let interval = interval.max(Duration::from_millis(10));
@@ -253,10 +299,11 @@ impl MetricsExporter {
         MetricsExporter {
             stop: Some(stop),
             task: Some(task),
+            observer: Some(observer),
         }
     }
 
-    /// Takes a last sample and stops the task.
+    /// Takes a last sample, stops the task and detaches the call observer.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -264,6 +311,7 @@ impl MetricsExporter {
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
+        self.observer.take();
     }
 }
 
@@ -272,6 +320,7 @@ impl Drop for MetricsExporter {
         if let Some(task) = self.task.take() {
             task.abort();
         }
+        // `observer` detaches itself as it is dropped.
     }
 }
 
@@ -281,7 +330,7 @@ impl Drop for MetricsExporter {
 pub struct PrometheusEndpoint {
     addr: SocketAddr,
     handle: PrometheusHandle,
-    tasks: [JoinHandle<()>; 2],
+    serve: JoinHandle<()>,
 }
 
 impl PrometheusEndpoint {
@@ -304,18 +353,15 @@ impl PrometheusEndpoint {
 
 impl Drop for PrometheusEndpoint {
     fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
+        self.serve.abort();
     }
 }
 
-/// How often the recorder's upkeep runs (it drains histogram samples into their buckets).
-const UPKEEP: Duration = Duration::from_secs(5);
-
 /// Installs a Prometheus recorder as the process's global `metrics` recorder and serves it at
 /// `http://ADDR/metrics` with `metrics-exporter-prometheus`'s own HTTP listener, on the current
-/// tokio runtime. Must be called within one.
+/// tokio runtime. Must be called within one. The recorder comes from [`prometheus_builder`], so
+/// the latency histograms have the buckets [`LATENCY_BUCKETS`]; the exporter runs its own
+/// upkeep.
 ///
 /// Port 0 picks a free port (see [`PrometheusEndpoint::local_addr`]): the exporter does not
 /// report the port it bound, so pypool binds a free one, releases it and hands it to the
@@ -329,7 +375,7 @@ pub async fn serve_prometheus(addr: SocketAddr) -> io::Result<PrometheusEndpoint
     } else {
         addr
     };
-    let (recorder, exporter) = PrometheusBuilder::new()
+    let (recorder, exporter) = prometheus_builder()
         .with_http_listener(addr)
         .build()
         .map_err(|err| io::Error::new(io::ErrorKind::AddrInUse, err.to_string()))?;
@@ -341,17 +387,9 @@ pub async fn serve_prometheus(addr: SocketAddr) -> io::Result<PrometheusEndpoint
             tracing::warn!(error = ?err, "the Prometheus endpoint stopped");
         }
     });
-    let upkept = handle.clone();
-    let upkeep = tokio::spawn(async move {
-        let mut ticks = tokio::time::interval(UPKEEP);
-        loop {
-            ticks.tick().await;
-            upkept.run_upkeep();
-        }
-    });
     Ok(PrometheusEndpoint {
         addr,
         handle,
-        tasks: [serve, upkeep],
+        serve,
     })
 }

@@ -101,6 +101,11 @@ def _msgpack_key(key):
     raise TypeError("keys must be str, int, float, bool or None, not %s" % type(key).__name__)
 
 
+# Types msgpack encodes as they are, with nothing to move to the attachments: a container of
+# only these is checked at C speed (``issuperset(map(type, ...))``) instead of copied item by item.
+_MSGPACK_PLAIN = frozenset((str, int, bool, type(None)))
+
+
 def _extract_for_msgpack(value, atts):
     """Copy ``value`` replacing byte strings by placeholders (msgpack would inline them as bin)."""
     t = type(value)
@@ -114,8 +119,13 @@ def _extract_for_msgpack(value, atts):
         atts.append(_as_attachment(value))
         return {ATT_KEY: len(atts) - 1}
     if isinstance(value, dict):
+        if _MSGPACK_PLAIN.issuperset(map(type, value.values())) and all(
+                type(k) is str for k in value):
+            return value  # nothing to replace: skip the copy (a map's batch of results)
         return {_msgpack_key(k): _extract_for_msgpack(v, atts) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
+        if _MSGPACK_PLAIN.issuperset(map(type, value)):
+            return value
         return [_extract_for_msgpack(v, atts) for v in value]
     return value  # anything else: msgpack accepts it (int/str subclasses) or raises TypeError
 
@@ -392,6 +402,9 @@ class FrameReader:
         self._view = memoryview(self._buf)
         self._start = 0  # buffered bytes are _buf[_start:_end]
         self._end = 0
+        # Whether the last read got less than it asked for: the stream had nothing more to give
+        # at that moment, so a caller that asks right away need not ask the kernel again.
+        self.drained = False
 
     def _fill(self, need):
         """Read until ``need`` bytes are buffered; False on EOF first."""
@@ -400,10 +413,12 @@ class FrameReader:
             self._buf[:held] = self._view[self._start:self._end]
             self._start, self._end = 0, held
         while self._end - self._start < need:
+            space = len(self._buf) - self._end
             n = self._readinto(self._view[self._end:])
             if not n:
                 return False
             self._end += n
+            self.drained = n < space
         return True
 
     def buffered(self):
@@ -432,6 +447,7 @@ class FrameReader:
             held = self._end - start
             body[:held] = self._view[start:self._end]
             self._start = self._end = 0
+            self.drained = False  # read exactly to the frame's end: more may follow
             if _read_exact(self._readinto, memoryview(body)[held:]) < length - held:
                 raise ProtocolError("channel closed inside a %d-byte frame" % length)
             return body

@@ -435,6 +435,17 @@ class _Channel:
             return True
         return self._poll is not None and bool(self._poll.poll(0))
 
+    def pending_after_read(self):
+        """``pending()`` right after ``recv()``: when that read emptied the channel, no system
+        call is made to learn that it is still empty (in a strict call-and-reply exchange it
+        always is, and the poll would cost a system call per call). A frame that arrives in
+        between is read after the calls already here have run, as if it came a moment later."""
+        if self._frames.buffered():
+            return True
+        if self._frames.drained:
+            return False
+        return self._poll is not None and bool(self._poll.poll(0))
+
     @property
     def max_frame(self):
         return self._max_frame
@@ -702,6 +713,7 @@ class Worker:
         self._encode_result = getattr(channel, "encode_result", None) or (
             lambda call_id, value: channel.encode({"type": "result", "id": call_id, "ok": value}))
         self._pending = getattr(channel, "pending", None) or (lambda: False)
+        self._pending_after_read = getattr(channel, "pending_after_read", None) or self._pending
 
     # ---- handshake ---------------------------------------------------------------------
 
@@ -772,7 +784,7 @@ class Worker:
         self._reader_ident = threading.get_ident()
         recv = self.channel.recv
         dispatch = self._dispatch
-        pending = self._pending
+        pending = self._pending_after_read
         try:
             while True:
                 try:

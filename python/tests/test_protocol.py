@@ -2,6 +2,7 @@
 
 import array
 import json
+import os
 import struct
 import unittest
 
@@ -223,6 +224,24 @@ class FramingTest(unittest.TestCase):
             msg = protocol.decode_body(reader.read())
             self.assertEqual((msg["id"], msg["value"]), (i, b"\xab" * n))
         self.assertIsNone(reader.read())
+
+    def test_frame_reader_knows_when_a_read_emptied_a_real_pipe(self):
+        small = b"".join(bytes(p) for p in protocol.encode_frame({"type": "ping", "id": 1}))
+        r, w = os.pipe()
+        try:
+            reader = protocol.FrameReader(lambda buf: os.readv(r, [buf]), buffer_size=64)
+            os.write(w, small)
+            self.assertEqual(protocol.decode_body(reader.read())["id"], 1)
+            self.assertTrue(reader.drained)  # the read got less than it asked: pipe empty
+            os.write(w, small * 20)  # more than the buffer holds: the read fills it
+            self.assertEqual(protocol.decode_body(reader.read())["id"], 1)
+            self.assertFalse(reader.drained)
+            for _ in range(19):
+                reader.read()
+            self.assertTrue(reader.drained)
+        finally:
+            os.close(r)
+            os.close(w)
 
     def test_frame_reader_rejects_oversize_before_allocating(self):
         readinto, state = reader_over(struct.pack(">I", 1 << 31) + b"J")

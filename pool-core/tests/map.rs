@@ -175,6 +175,34 @@ async fn an_item_that_fails_fails_alone_unless_asked_to_stop() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn items_never_sent_and_items_that_raise_keep_their_places_in_one_chunk() {
+    let launcher = launcher();
+    let pool = start(config(1), &launcher).await;
+    // Every third item refers to an attachment it does not have; "half" fails odd numbers.
+    let items = (0..30u64).map(|n| match n % 3 {
+        0 => Payload::new(json!({"__pypool_att__": 0})),
+        _ => Payload::new(json!(n)),
+    });
+    let results: Vec<_> = pool
+        .map_with("half", items, MapOptions::new().chunksize(30))
+        .collect()
+        .await;
+    assert_eq!(results.len(), 30);
+    for (n, result) in results.iter().enumerate() {
+        match result {
+            Err(Error::InvalidArguments { .. }) if n % 3 == 0 => {}
+            Err(Error::Handler { error, .. }) if n % 3 != 0 && n % 2 == 1 => {
+                assert_eq!(error.message, format!("{n} is odd"))
+            }
+            Ok(reply) if n % 3 != 0 && n % 2 == 0 => assert_eq!(reply.value, json!(n / 2)),
+            other => panic!("item {n}: {other:?}"),
+        }
+    }
+    assert_eq!(launcher.calls_seen(), 1, "one chunk");
+    finish(pool, &launcher).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn items_that_cannot_be_sent_fail_in_their_place_and_chunks_fit_in_a_frame() {
     let launcher = FakeLauncher::builder()
         .on("size", |call| {

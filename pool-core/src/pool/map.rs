@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::stream::{FuturesOrdered, FuturesUnordered};
 use futures::{Stream, StreamExt};
 use serde::de::DeserializeOwned;
@@ -16,6 +17,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::call::{CallOptions, Caller};
+use super::lease::Answer;
 use super::{Pool, Shared};
 use crate::error::{CallContext, Error, TimeoutKind};
 use crate::payload::{placeholder_index, Payload};
@@ -114,22 +116,49 @@ type Item = Result<Payload, Error>;
 type Items = Box<dyn Iterator<Item = Item> + Send>;
 type ChunkFuture = Pin<Box<dyn Future<Output = ChunkDone> + Send>>;
 
-/// One item's place in a chunk: arguments to send, or its error, known before sending.
-enum Slot {
-    Send(Payload),
-    Failed(Error),
-}
-
-/// Consecutive items of the input, from `start`.
+/// Consecutive items of the input, from `start`, as one batch call sends them.
 struct Chunk {
     start: usize,
-    slots: Vec<Slot>,
+    /// Items in the chunk, sent or not.
+    count: usize,
+    /// The arguments of the items to send, their placeholders renumbered into `attachments`.
+    values: Vec<Value>,
+    attachments: Vec<Bytes>,
+    /// Items that cannot be sent, by position in the chunk (ascending), with their errors.
+    failed_before: Vec<(usize, Error)>,
 }
 
-/// A chunk's results, in input order, or the failure that ends the whole map.
+impl Chunk {
+    fn new(start: usize, capacity: usize) -> Self {
+        Chunk {
+            start,
+            count: 0,
+            values: Vec::with_capacity(capacity),
+            attachments: Vec::new(),
+            failed_before: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, payload: Payload) {
+        let mut value = payload.value;
+        if !payload.attachments.is_empty() {
+            let offset = self.attachments.len();
+            renumber(&mut value, &mut |index| Some(index + offset));
+            self.attachments.extend(payload.attachments);
+        }
+        self.values.push(value);
+        self.count += 1;
+    }
+
+    fn fail(&mut self, err: Error) {
+        self.failed_before.push((self.count, err));
+        self.count += 1;
+    }
+}
+
+/// A chunk's results, or the failure that ends the whole map.
 struct ChunkDone {
-    start: usize,
-    results: Vec<Result<Payload, Error>>,
+    results: ChunkResults,
     fatal: Option<Error>,
     /// Items that were sent, and how long the chunk took from checkout to reply.
     sent: usize,
@@ -243,8 +272,8 @@ struct Driver<Q> {
     stop_on_error: bool,
     checked: bool,
     running: Q,
-    /// The results of the chunk being handed out, and the position of the next one.
-    current: Option<(usize, std::vec::IntoIter<Result<Payload, Error>>)>,
+    /// The results of the chunk being handed out.
+    current: Option<ChunkResults>,
     /// The error that ends the map, yielded after `current`.
     last: Option<(usize, Error)>,
     done: bool,
@@ -276,10 +305,8 @@ impl<Q: ChunkQueue + Default> Driver<Q> {
 
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<(usize, Result<Payload, Error>)>> {
         loop {
-            if let Some((index, results)) = &mut self.current {
-                if let Some(result) = results.next() {
-                    let item = (*index, result);
-                    *index += 1;
+            if let Some(results) = &mut self.current {
+                if let Some(item) = results.next() {
                     if item.1.is_err() && self.stop_on_error {
                         // The error is the last thing the stream yields.
                         self.end();
@@ -332,7 +359,7 @@ impl<Q: ChunkQueue + Default> Driver<Q> {
             return;
         }
         self.sizing.learn(done.sent, done.took);
-        self.current = Some((done.start, done.results.into_iter()));
+        self.current = Some(done.results);
     }
 
     /// The map as a whole failed: the stream yields `err` after the results being handed out
@@ -363,45 +390,37 @@ impl<Q: ChunkQueue + Default> Driver<Q> {
             .config
             .max_frame
             .saturating_sub(Shared::call_overhead(&self.context));
-        let mut slots = Vec::new();
+        let mut chunk = Chunk::new(self.next_index, max_items.min(MAX_AUTO_CHUNK));
         let mut bytes = 0usize;
-        let mut start = None;
-        while slots.len() < max_items {
-            let (index, slot, size) = match self.held.take() {
-                Some((index, payload, size)) => (index, Slot::Send(payload), size),
-                None => {
-                    let Some(items) = self.items.as_mut() else {
-                        break;
-                    };
-                    let Some(item) = items.next() else {
-                        self.items = None;
-                        break;
-                    };
-                    let index = self.next_index;
-                    self.next_index += 1;
-                    match item.and_then(|p| shared.check_args(&self.context, &p).map(|s| (p, s))) {
-                        Ok((payload, size)) => (index, Slot::Send(payload), size),
-                        Err(err) => (index, Slot::Failed(err), 0),
-                    }
-                }
-            };
-            let size = size.saturating_add(1);
-            if let Slot::Send(payload) = slot {
-                if !slots.is_empty() && bytes.saturating_add(size) > max_bytes {
-                    self.held = Some((index, payload, size - 1));
-                    break;
-                }
-                bytes = bytes.saturating_add(size);
-                slots.push(Slot::Send(payload));
-            } else {
-                slots.push(slot);
-            }
-            start.get_or_insert(index);
+        if let Some((index, payload, size)) = self.held.take() {
+            chunk.start = index;
+            bytes = size.saturating_add(1);
+            chunk.push(payload);
         }
-        Some(Chunk {
-            start: start?,
-            slots,
-        })
+        while chunk.count < max_items {
+            let Some(items) = self.items.as_mut() else {
+                break;
+            };
+            let Some(item) = items.next() else {
+                self.items = None;
+                break;
+            };
+            let index = self.next_index;
+            self.next_index += 1;
+            match item.and_then(|p| shared.check_args(&self.context, &p).map(|s| (p, s))) {
+                Ok((payload, size)) => {
+                    let framed = size.saturating_add(1);
+                    if !chunk.values.is_empty() && bytes.saturating_add(framed) > max_bytes {
+                        self.held = Some((index, payload, size));
+                        break;
+                    }
+                    bytes = bytes.saturating_add(framed);
+                    chunk.push(payload);
+                }
+                Err(err) => chunk.fail(err),
+            }
+        }
+        (chunk.count > 0).then_some(chunk)
     }
 }
 
@@ -425,29 +444,19 @@ async fn run_chunk(
     deadline: Option<Instant>,
 ) -> ChunkDone {
     let started = Instant::now();
-    let count = chunk.slots.len();
-    // Items that failed before sending, by position in the chunk; the others are sent.
-    let mut failed_before: Vec<(usize, Error)> = Vec::new();
-    let mut values = Vec::with_capacity(count);
-    let mut attachments = Vec::new();
-    for (position, slot) in chunk.slots.into_iter().enumerate() {
-        match slot {
-            Slot::Failed(err) => failed_before.push((position, err)),
-            Slot::Send(payload) => {
-                let mut value = payload.value;
-                if !payload.attachments.is_empty() {
-                    let offset = attachments.len();
-                    renumber(&mut value, &mut |index| Some(index + offset));
-                    attachments.extend(payload.attachments);
-                }
-                values.push(value);
-            }
-        }
-    }
+    let Chunk {
+        start,
+        count,
+        values,
+        attachments,
+        failed_before,
+    } = chunk;
     let sent = values.len();
     let mut fatal = None;
-    // The sent items' results, in the order they were sent.
-    let mut answered: Vec<Result<Payload, Error>> = Vec::new();
+    let mut replies = Sent::Failed {
+        error: missing(&context),
+        left: 0,
+    };
     if sent > 0 {
         let batch = Payload {
             value: Value::Array(values),
@@ -458,59 +467,165 @@ async fn run_chunk(
             .exchange(Caller::POOL, &context.command, batch, options, true)
             .await
         {
-            Ok(answer) => {
-                let worker = answer.worker.unwrap_or_default();
-                match split(answer.value, sent) {
-                    Ok(parts) => {
-                        answered = parts.into_iter().map(Ok).collect();
-                        for failure in answer.failed {
-                            let slot = usize::try_from(failure.index)
-                                .ok()
-                                .and_then(|i| answered.get_mut(i));
-                            if let Some(slot) = slot {
-                                *slot = Err(Error::Handler {
-                                    context: context.clone(),
-                                    worker: worker.clone(),
-                                    error: Box::new(failure.error),
-                                });
-                            }
-                        }
-                    }
-                    Err(message) => {
-                        let err = Error::Protocol {
-                            context: context.clone(),
-                            worker,
-                            message,
-                        };
-                        answered = vec![Err(err); sent];
-                    }
-                }
-            }
+            Ok(answer) => replies = Sent::from_answer(&context, answer, sent),
             Err(err) if ends_the_map(&err) => fatal = Some(err),
-            Err(err) => answered = vec![Err(err); sent],
+            Err(error) => replies = Sent::Failed { error, left: sent },
         }
     }
-    let results = if failed_before.is_empty() {
-        answered
-    } else {
-        // Put the items that failed before sending back in their places.
-        let mut answered = answered.into_iter();
-        let mut failed_before = failed_before.into_iter().peekable();
-        (0..count)
-            .map(
-                |position| match failed_before.next_if(|(p, _)| *p == position) {
-                    Some((_, err)) => Err(err),
-                    None => answered.next().unwrap_or_else(|| Err(missing(&context))),
-                },
-            )
-            .collect()
-    };
     ChunkDone {
-        start: chunk.start,
-        results,
+        results: ChunkResults {
+            start,
+            next_index: start,
+            end: start + count,
+            failed_before: failed_before.into_iter().peekable(),
+            replies,
+            context,
+        },
         fatal,
         sent,
         took: started.elapsed(),
+    }
+}
+
+/// A chunk's results in input order, each made as it is handed out: the worker's list of
+/// values is not first copied into a list of results (the consumer's thread bounds a map's
+/// throughput, so work per item there counts).
+struct ChunkResults {
+    /// The input position of the chunk's first item.
+    start: usize,
+    /// The input position of the next result.
+    next_index: usize,
+    end: usize,
+    /// Items that were never sent, by position in the chunk.
+    failed_before: std::iter::Peekable<std::vec::IntoIter<(usize, Error)>>,
+    /// The results of the items that were sent, in order.
+    replies: Sent,
+    context: CallContext,
+}
+
+impl ChunkResults {
+    #[inline]
+    fn next(&mut self) -> Option<(usize, Result<Payload, Error>)> {
+        if self.next_index >= self.end {
+            return None;
+        }
+        let index = self.next_index;
+        self.next_index += 1;
+        let position = index - self.start;
+        if let Some((_, err)) = self.failed_before.next_if(|(p, _)| *p == position) {
+            return Some((index, Err(err)));
+        }
+        let result = self
+            .replies
+            .next()
+            .unwrap_or_else(|| Err(missing(&self.context)));
+        Some((index, result))
+    }
+}
+
+/// The results of a chunk's sent items.
+enum Sent {
+    /// The worker's results; `failures` (by index among the sent items, ascending) replace
+    /// the values of the items whose handler raised.
+    Replies {
+        replies: Replies,
+        failures: std::iter::Peekable<std::vec::IntoIter<(usize, Error)>>,
+        index: usize,
+    },
+    /// The same error for each of the `left` items (the chunk's call failed as a whole).
+    Failed { error: Error, left: usize },
+}
+
+impl Sent {
+    fn from_answer(context: &CallContext, answer: Answer, sent: usize) -> Sent {
+        let worker = answer.worker.unwrap_or_default();
+        let protocol = |message: String| Sent::Failed {
+            error: Error::Protocol {
+                context: context.clone(),
+                worker: worker.clone(),
+                message,
+            },
+            left: sent,
+        };
+        let Value::Array(values) = answer.value.value else {
+            return protocol(
+                "the worker answered a batch call with something other than a list".into(),
+            );
+        };
+        if values.len() != sent {
+            return protocol(format!(
+                "the worker answered a batch of {sent} items with {} results",
+                values.len()
+            ));
+        }
+        let replies = if answer.value.attachments.is_empty() {
+            Replies::Values(values.into_iter())
+        } else {
+            match split(values, answer.value.attachments) {
+                Ok(parts) => Replies::Parts(parts.into_iter()),
+                Err(message) => return protocol(message),
+            }
+        };
+        let mut failures: Vec<(usize, Error)> = answer
+            .failed
+            .into_iter()
+            .filter_map(|failure| {
+                let index = usize::try_from(failure.index).ok().filter(|i| *i < sent)?;
+                let error = Error::Handler {
+                    context: context.clone(),
+                    worker: worker.clone(),
+                    error: Box::new(failure.error),
+                };
+                Some((index, error))
+            })
+            .collect();
+        failures.sort_by_key(|(index, _)| *index);
+        Sent::Replies {
+            replies,
+            failures: failures.into_iter().peekable(),
+            index: 0,
+        }
+    }
+
+    #[inline]
+    fn next(&mut self) -> Option<Result<Payload, Error>> {
+        match self {
+            Sent::Replies {
+                replies,
+                failures,
+                index,
+            } => {
+                let payload = replies.next()?;
+                let current = *index;
+                *index += 1;
+                // A repeated index: the first error counts.
+                while failures.next_if(|(i, _)| *i < current).is_some() {}
+                match failures.next_if(|(i, _)| *i == current) {
+                    Some((_, err)) => Some(Err(err)),
+                    None => Some(Ok(payload)),
+                }
+            }
+            Sent::Failed { error, left } => {
+                *left = left.checked_sub(1)?;
+                Some(Err(error.clone()))
+            }
+        }
+    }
+}
+
+/// A worker's results for a batch: bare values, or payloads with their own attachments.
+enum Replies {
+    Values(std::vec::IntoIter<Value>),
+    Parts(std::vec::IntoIter<Payload>),
+}
+
+impl Replies {
+    #[inline]
+    fn next(&mut self) -> Option<Payload> {
+        match self {
+            Replies::Values(values) => values.next().map(Payload::new),
+            Replies::Parts(parts) => parts.next(),
+        }
     }
 }
 
@@ -522,23 +637,10 @@ fn missing(context: &CallContext) -> Error {
     }
 }
 
-/// Splits a batch reply (a list with one result per item sent) into the items' payloads, each
-/// with the attachments its placeholders refer to.
-fn split(reply: Payload, expected: usize) -> Result<Vec<Payload>, String> {
-    let Value::Array(values) = reply.value else {
-        return Err("the worker answered a batch call with something other than a list".into());
-    };
-    if values.len() != expected {
-        return Err(format!(
-            "the worker answered a batch of {expected} items with {} results",
-            values.len()
-        ));
-    }
-    if reply.attachments.is_empty() {
-        return Ok(values.into_iter().map(Payload::new).collect());
-    }
-    let all = reply.attachments;
-    let mut parts = Vec::with_capacity(expected);
+/// Splits a batch reply's results (one per item sent) into the items' payloads, each with the
+/// attachments its placeholders refer to.
+fn split(values: Vec<Value>, all: Vec<Bytes>) -> Result<Vec<Payload>, String> {
+    let mut parts = Vec::with_capacity(values.len());
     for mut value in values {
         let mut own = Vec::new();
         let mut local: Vec<(usize, usize)> = Vec::new(); // (index in the reply, index here)

@@ -1,6 +1,7 @@
 //! `Pool::map` and `Pool::map_unordered`: many calls of one command, packed into chunks that
 //! each travel as one batch CALL, with a bounded number of chunks in flight.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::num::NonZeroUsize;
 use std::pin::Pin;
@@ -25,7 +26,7 @@ use crate::protocol::ATTACHMENT_KEY;
 
 /// The largest chunk the pool picks by itself: larger ones delay the first results and hold
 /// more replies in memory for little gain (per-frame costs are already small at this size).
-const MAX_AUTO_CHUNK: usize = 1024;
+const MAX_AUTO_CHUNK: usize = 4096;
 
 /// For inputs of unknown length, chunks grow until one takes about this long from checkout to
 /// reply: long enough that per-frame costs vanish, short enough that workers share the tail of
@@ -69,9 +70,9 @@ impl MapOptions {
     /// also closed early when it would exceed the pool's `max_frame`. `0` means automatic.
     ///
     /// Automatic: for an input whose length is known (its iterator's exact `size_hint`), like
-    /// `multiprocessing.Pool.map`, `len / (4 × workers)` rounded up, at most 1024; for any other
+    /// `multiprocessing.Pool.map`, `len / (4 × workers)` rounded up, at most 4096; for any other
     /// input, chunks start at one item and grow (at most doubling) while a chunk takes less
-    /// than about 5 ms, at most 1024.
+    /// than about 5 ms, at most 4096.
     pub fn chunksize(mut self, items: usize) -> Self {
         self.chunksize = NonZeroUsize::new(items);
         self
@@ -113,7 +114,104 @@ impl MapOptions {
 
 /// An input item: its arguments, or why they cannot be sent (reported as its result).
 type Item = Result<Payload, Error>;
-type Items = Box<dyn Iterator<Item = Item> + Send>;
+type Items = Box<dyn Source>;
+
+/// A map's input, read a chunk at a time: the loop over a chunk's items is compiled for each
+/// input type, behind one dynamic call per chunk (a call per item, moving a 100-byte result
+/// each time, cost more than the rest of reading an item).
+trait Source: Send {
+    /// Reads the next chunk: up to `max_items` items, and no more than `max_bytes` of
+    /// arguments (always at least one item). Items that cannot be sent are failed in their
+    /// places. `None` once the input is used up.
+    fn next_chunk(&mut self, check: &ItemCheck<'_>, max_items: usize) -> Option<Chunk>;
+    /// Whether nothing is left to read.
+    fn is_done(&self) -> bool;
+    /// Stops reading: the rest of the input is dropped unread.
+    fn stop(&mut self);
+    /// Items read so far.
+    fn read(&self) -> usize;
+}
+
+/// What an item is checked against before it is sent.
+struct ItemCheck<'a> {
+    shared: &'a Shared,
+    context: &'a CallContext,
+    max_bytes: usize,
+}
+
+/// The input of a map as an iterator of items.
+struct Input<I> {
+    items: Option<I>,
+    next_index: usize,
+    /// An item read for a chunk it did not fit in (by bytes): the next chunk starts with it.
+    held: Option<(usize, Payload, usize)>,
+}
+
+impl<I> Input<I> {
+    fn boxed(items: I) -> Items
+    where
+        I: Iterator<Item = Item> + Send + 'static,
+    {
+        Box::new(Input {
+            items: Some(items),
+            next_index: 0,
+            held: None,
+        })
+    }
+}
+
+impl<I: Iterator<Item = Item> + Send> Source for Input<I> {
+    fn next_chunk(&mut self, check: &ItemCheck<'_>, max_items: usize) -> Option<Chunk> {
+        let mut chunk = Chunk::new(self.next_index, max_items.min(MAX_AUTO_CHUNK));
+        let mut bytes = 0usize;
+        if let Some((index, payload, size)) = self.held.take() {
+            chunk.start = index;
+            bytes = size.saturating_add(1);
+            chunk.push(payload);
+        }
+        while chunk.count < max_items {
+            let Some(items) = self.items.as_mut() else {
+                break;
+            };
+            let Some(item) = items.next() else {
+                self.items = None;
+                break;
+            };
+            let index = self.next_index;
+            self.next_index += 1;
+            let checked = item.and_then(|payload| {
+                let size = check.shared.check_args(check.context, &payload)?;
+                Ok((payload, size))
+            });
+            match checked {
+                Ok((payload, size)) => {
+                    let framed = size.saturating_add(1);
+                    if !chunk.values.is_empty() && bytes.saturating_add(framed) > check.max_bytes {
+                        self.held = Some((index, payload, size));
+                        break;
+                    }
+                    bytes = bytes.saturating_add(framed);
+                    chunk.push(payload);
+                }
+                Err(err) => chunk.fail(err),
+            }
+        }
+        (chunk.count > 0).then_some(chunk)
+    }
+
+    fn is_done(&self) -> bool {
+        self.items.is_none() && self.held.is_none()
+    }
+
+    fn stop(&mut self) {
+        self.items = None;
+        self.held = None;
+    }
+
+    fn read(&self) -> usize {
+        self.next_index
+    }
+}
 type ChunkFuture = Pin<Box<dyn Future<Output = ChunkDone> + Send>>;
 
 /// Consecutive items of the input, from `start`, as one batch call sends them.
@@ -262,10 +360,7 @@ struct Driver<Q> {
     /// Keeps the pool alive while the map runs.
     pool: Pool,
     context: CallContext,
-    items: Option<Items>,
-    next_index: usize,
-    /// An item read for a chunk it did not fit in (by bytes): the next chunk starts with it.
-    held: Option<(usize, Payload, usize)>,
+    input: Items,
     sizing: Sizing,
     chunks_in_flight: usize,
     deadline: Option<Instant>,
@@ -280,21 +375,25 @@ struct Driver<Q> {
 }
 
 impl<Q: ChunkQueue + Default> Driver<Q> {
-    fn new(pool: &Pool, command: &str, items: Items, options: MapOptions) -> Self {
+    fn new(
+        pool: &Pool,
+        command: &str,
+        input: Items,
+        size_hint: (usize, Option<usize>),
+        options: MapOptions,
+    ) -> Self {
         let shared = pool.shared();
         let workers = shared.config.size.max(1);
         Driver {
             context: shared.context(None, command),
-            sizing: Sizing::new(&options, items.size_hint(), workers),
+            sizing: Sizing::new(&options, size_hint, workers),
             chunks_in_flight: options
                 .chunks_in_flight
                 .map_or((2 * workers).max(MIN_CHUNKS_IN_FLIGHT), NonZeroUsize::get),
             deadline: options.deadline,
             stop_on_error: options.stop_on_error,
             pool: pool.clone(),
-            items: Some(items),
-            next_index: 0,
-            held: None,
+            input,
             checked: false,
             running: Q::default(),
             current: None,
@@ -344,7 +443,7 @@ impl<Q: ChunkQueue + Default> Driver<Q> {
             match self.running.poll_next_unpin(cx) {
                 Poll::Ready(Some(done)) => self.take(done),
                 Poll::Ready(None) => {
-                    if self.items.is_none() && self.held.is_none() {
+                    if self.input.is_done() {
                         self.done = true;
                     }
                 }
@@ -365,7 +464,7 @@ impl<Q: ChunkQueue + Default> Driver<Q> {
     /// The map as a whole failed: the stream yields `err` after the results being handed out
     /// and ends.
     fn end_with(&mut self, err: Error) {
-        self.last = Some((self.next_index, err));
+        self.last = Some((self.input.read(), err));
         self.end();
     }
 
@@ -376,51 +475,24 @@ impl<Q: ChunkQueue + Default> Driver<Q> {
             self.current = None;
         }
         self.done = true;
-        self.items = None;
-        self.held = None;
+        self.input.stop();
         self.running.cancel_all();
     }
 
     /// Reads the next chunk from the input: up to the chunk size, and no more bytes than one
-    /// frame holds. Items that cannot be sent at all are failed here, in their places.
+    /// frame holds.
     fn next_chunk(&mut self) -> Option<Chunk> {
-        let shared = self.pool.shared().clone();
         let max_items = self.sizing.next();
-        let max_bytes = shared
-            .config
-            .max_frame
-            .saturating_sub(Shared::call_overhead(&self.context));
-        let mut chunk = Chunk::new(self.next_index, max_items.min(MAX_AUTO_CHUNK));
-        let mut bytes = 0usize;
-        if let Some((index, payload, size)) = self.held.take() {
-            chunk.start = index;
-            bytes = size.saturating_add(1);
-            chunk.push(payload);
-        }
-        while chunk.count < max_items {
-            let Some(items) = self.items.as_mut() else {
-                break;
-            };
-            let Some(item) = items.next() else {
-                self.items = None;
-                break;
-            };
-            let index = self.next_index;
-            self.next_index += 1;
-            match item.and_then(|p| shared.check_args(&self.context, &p).map(|s| (p, s))) {
-                Ok((payload, size)) => {
-                    let framed = size.saturating_add(1);
-                    if !chunk.values.is_empty() && bytes.saturating_add(framed) > max_bytes {
-                        self.held = Some((index, payload, size));
-                        break;
-                    }
-                    bytes = bytes.saturating_add(framed);
-                    chunk.push(payload);
-                }
-                Err(err) => chunk.fail(err),
-            }
-        }
-        (chunk.count > 0).then_some(chunk)
+        let shared = self.pool.shared();
+        let check = ItemCheck {
+            shared,
+            context: &self.context,
+            max_bytes: shared
+                .config
+                .max_frame
+                .saturating_sub(Shared::call_overhead(&self.context)),
+        };
+        self.input.next_chunk(&check, max_items)
     }
 }
 
@@ -477,7 +549,7 @@ async fn run_chunk(
             start,
             next_index: start,
             end: start + count,
-            failed_before: failed_before.into_iter().peekable(),
+            failed_before: failed_before.into(),
             replies,
             context,
         },
@@ -496,8 +568,9 @@ struct ChunkResults {
     /// The input position of the next result.
     next_index: usize,
     end: usize,
-    /// Items that were never sent, by position in the chunk.
-    failed_before: std::iter::Peekable<std::vec::IntoIter<(usize, Error)>>,
+    /// Items that were never sent, by position in the chunk. (Queues, not `Peekable`s: its
+    /// `next_if` moves the 100-byte error out and back on every item.)
+    failed_before: VecDeque<(usize, Error)>,
     /// The results of the items that were sent, in order.
     replies: Sent,
     context: CallContext,
@@ -512,8 +585,14 @@ impl ChunkResults {
         let index = self.next_index;
         self.next_index += 1;
         let position = index - self.start;
-        if let Some((_, err)) = self.failed_before.next_if(|(p, _)| *p == position) {
-            return Some((index, Err(err)));
+        if self
+            .failed_before
+            .front()
+            .is_some_and(|(p, _)| *p == position)
+        {
+            if let Some((_, err)) = self.failed_before.pop_front() {
+                return Some((index, Err(err)));
+            }
         }
         let result = self
             .replies
@@ -529,7 +608,7 @@ enum Sent {
     /// the values of the items whose handler raised.
     Replies {
         replies: Replies,
-        failures: std::iter::Peekable<std::vec::IntoIter<(usize, Error)>>,
+        failures: VecDeque<(usize, Error)>,
         index: usize,
     },
     /// The same error for each of the `left` items (the chunk's call failed as a whole).
@@ -582,7 +661,7 @@ impl Sent {
         failures.sort_by_key(|(index, _)| *index);
         Sent::Replies {
             replies,
-            failures: failures.into_iter().peekable(),
+            failures: failures.into(),
             index: 0,
         }
     }
@@ -599,11 +678,15 @@ impl Sent {
                 let current = *index;
                 *index += 1;
                 // A repeated index: the first error counts.
-                while failures.next_if(|(i, _)| *i < current).is_some() {}
-                match failures.next_if(|(i, _)| *i == current) {
-                    Some((_, err)) => Some(Err(err)),
-                    None => Some(Ok(payload)),
+                while failures.front().is_some_and(|(i, _)| *i < current) {
+                    failures.pop_front();
                 }
+                if failures.front().is_some_and(|(i, _)| *i == current) {
+                    if let Some((_, err)) = failures.pop_front() {
+                        return Some(Err(err));
+                    }
+                }
+                Some(Ok(payload))
             }
             Sent::Failed { error, left } => {
                 *left = left.checked_sub(1)?;
@@ -708,7 +791,7 @@ impl std::fmt::Debug for MapStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MapStream")
             .field("command", &self.driver.context.command)
-            .field("read", &self.driver.next_index)
+            .field("read", &self.driver.input.read())
             .field("chunks_in_flight", &self.driver.running.len())
             .finish()
     }
@@ -734,19 +817,22 @@ impl std::fmt::Debug for MapUnordered {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MapUnordered")
             .field("command", &self.driver.context.command)
-            .field("read", &self.driver.next_index)
+            .field("read", &self.driver.input.read())
             .field("chunks_in_flight", &self.driver.running.len())
             .finish()
     }
 }
 
-fn boxed<I>(items: I) -> Items
+/// A map's input of payloads (or values that convert into them), and its size hint.
+fn boxed<I>(items: I) -> (Items, (usize, Option<usize>))
 where
     I: IntoIterator,
     I::Item: Into<Payload>,
     I::IntoIter: Send + 'static,
 {
-    Box::new(items.into_iter().map(|item| Ok(item.into())))
+    let items = items.into_iter();
+    let hint = items.size_hint();
+    (Input::boxed(items.map(|item| Ok(item.into()))), hint)
 }
 
 impl Pool {
@@ -799,7 +885,10 @@ impl Pool {
         I::IntoIter: Send + 'static,
     {
         MapStream {
-            driver: Driver::new(self, command, boxed(items), options),
+            driver: {
+                let (input, hint) = boxed(items);
+                Driver::new(self, command, input, hint, options)
+            },
         }
     }
 
@@ -842,7 +931,10 @@ impl Pool {
         I::IntoIter: Send + 'static,
     {
         MapUnordered {
-            driver: Driver::new(self, command, boxed(items), options),
+            driver: {
+                let (input, hint) = boxed(items);
+                Driver::new(self, command, input, hint, options)
+            },
         }
     }
 
@@ -875,13 +967,12 @@ impl Pool {
         T: Serialize,
         R: DeserializeOwned,
     {
-        let items: Items = Box::new(
-            items
-                .into_iter()
-                .map(|item| Payload::from_serialize(&item).map_err(Error::from)),
-        );
+        let items = items.into_iter();
+        let hint = items.size_hint();
+        let input =
+            Input::boxed(items.map(|item| Payload::from_serialize(&item).map_err(Error::from)));
         MapStream {
-            driver: Driver::new(self, command, items, options),
+            driver: Driver::new(self, command, input, hint, options),
         }
         .map(|result| result.and_then(|payload| payload.deserialize().map_err(Error::from)))
     }

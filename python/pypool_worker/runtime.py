@@ -1113,9 +1113,10 @@ class Worker:
 
         Items run in slices, each through a C-level ``map`` (a Python loop per item would cost
         as much as a small handler). Between slices the batch looks at the call's cancel flag
-        and, on the reader thread, reads whatever has arrived (a CANCEL, a PING); slices grow
-        to take about a millisecond each. Results are not inspected here: a result that is
-        not a plain value (a generator, say) is dealt with when the reply fails to encode."""
+        and, on the reader thread, at most once a millisecond, reads whatever has arrived (a
+        CANCEL, a PING); slices grow to take about a millisecond each. Results are not
+        inspected here: a result that is not a plain value (a generator, say) is dealt with
+        when the reply fails to encode."""
         on_reader = get_ident() == self._reader_ident
         pending = self._pending
         clock = time.perf_counter
@@ -1125,14 +1126,19 @@ class Worker:
         remaining = iter(items)
         count = len(items)
         step = 1
+        looked = clock()
         while len(results) < count:
-            if on_reader and pending():
-                self._read_pending()
+            began = clock()
+            # A look at the channel costs a system call: once per _BATCH_LOOK_SECONDS, not
+            # per slice (the first slices are short, to learn how long an item takes).
+            if on_reader and began - looked >= _BATCH_LOOK_SECONDS:
+                looked = began
+                if pending():
+                    self._read_pending()
             if call.cancelled:
                 self._send_cancelled(call)
                 return
             done = len(results)
-            began = clock()
             if not self._run_slice(call, run, itertools.islice(remaining, step), results, errors):
                 return  # answered already: the call was cancelled, or the worker is exiting
             per_item = (clock() - began) / max(1, len(results) - done)

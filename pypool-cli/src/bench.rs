@@ -272,7 +272,7 @@ async fn drive_map(pool: &Pool, mode: Mode, w: Workload, bar: &indicatif::Progre
     let check = |index: u64, result: pypool::Result<Payload>| -> Result<(), String> {
         let reply = result.map_err(|err| err.to_string())?;
         if payload == 0 {
-            return match reply.value == json!(index) {
+            return match reply.value.as_u64() == Some(index) {
                 true => Ok(()),
                 false => Err(format!("echo({index}) returned {}", reply.value)),
             };

@@ -961,7 +961,9 @@ fn demo_serves_prometheus_metrics_while_it_holds() {
         "pypool_sessions{pool=\"demo\"} 4",
         "pypool_circuit_breaker{pool=\"demo\",state=\"closed\"} 1",
         "pypool_queue_wait_seconds_count{pool=\"demo\"} 202",
-        "pypool_call_duration_seconds{pool=\"demo\",quantile=\"0.99\"}",
+        "# TYPE pypool_call_duration_seconds histogram",
+        "pypool_call_duration_seconds_bucket{pool=\"demo\",le=\"+Inf\"} 201",
+        "pypool_queue_wait_seconds_bucket{pool=\"demo\",le=\"+Inf\"} 202",
     ] {
         assert!(body.contains(expected), "missing {expected:?} in:\n{body}");
     }

@@ -16,6 +16,7 @@ fn call() -> Message {
         timeout_ms: Some(30_000),
         window: Some(16),
         batch: false,
+        scalars: false,
     }
 }
 

@@ -16,7 +16,8 @@ use crate::error::WorkerExit;
 use crate::launcher::{FrameReceiver, FrameSender, LaunchError, Launched, ProcessHandle};
 use crate::payload::Payload;
 use crate::protocol::{
-    self, Codec, Hello, ItemError, Message, ProtocolError, RemoteError, Welcome, PROTOCOL_VERSION,
+    self, CallShape, Codec, Hello, ItemError, Message, ProtocolError, RemoteError, Welcome,
+    PROTOCOL_VERSION,
 };
 
 /// How long the reader waits for a process whose stream ended to exit, before it kills it: a
@@ -307,7 +308,8 @@ impl WorkerConn {
         self.process.as_ref().and_then(|p| p.rss_bytes())
     }
 
-    /// Sends a CALL (a batch CALL when `batch`: `args` is then the list of the items' arguments)
+    /// Sends a CALL (a batch CALL for `CallShape::Batch`: `args` is then the list of the items'
+    /// arguments)
     /// and registers its reply channel. The returned id is the call's request id.
     pub(crate) fn send_call(
         &self,
@@ -315,7 +317,7 @@ impl WorkerConn {
         args: Payload,
         session: Option<&str>,
         timeout: Option<Duration>,
-        batch: bool,
+        shape: CallShape,
     ) -> Result<(u64, mpsc::Receiver<Reply>), SendError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let msg = Message::Call {
@@ -325,7 +327,8 @@ impl WorkerConn {
             session: session.map(str::to_owned),
             timeout_ms: timeout.map(|t| t.as_millis().min(u64::MAX as u128) as u64),
             window: Some(self.stream_window),
-            batch,
+            batch: shape.is_batch(),
+            scalars: matches!(shape, CallShape::Batch { scalars: true }),
         };
         let body = protocol::encode(&msg, self.codec, &args.attachments)
             .map_err(|err| SendError::Encode(err.to_string()))?;

@@ -75,6 +75,7 @@ pub fn call_sized_frame() -> Vec<u8> {
         timeout_ms: Some(60_000),
         window: Some(16),
         batch: false,
+        scalars: false,
     };
     // Encoding a constant message cannot fail.
     let body = encode(&call, Codec::Json, &[]).expect("constant message encodes");

@@ -599,7 +599,7 @@ def _opt_str(msg, field):
 
 class _Call:
     __slots__ = ("id", "handler", "session_id", "session", "deadline", "ctx", "cancelled", "task",
-                 "on_loop", "uses_loop", "granted", "sent", "_credit", "batch")
+                 "on_loop", "uses_loop", "granted", "sent", "_credit", "batch", "scalars")
 
     def __init__(self, call_id, handler_, session_id, session, deadline, window, batch=None):
         self.id = call_id
@@ -626,6 +626,8 @@ class _Call:
         self.uses_loop = False
         # For a batch call (a chunk of a map): how many items it has; None for a plain call.
         self.batch = batch
+        # A batch whose items the pool says are each one plain value (number, string, bool).
+        self.scalars = False
 
     def cancel(self):
         """The pool cancelled the call (on the reader thread)."""
@@ -872,6 +874,8 @@ class Worker:
         session = None if session_id is None else self._sessions.setdefault(session_id, {})
         deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000.0
         call = _Call(call_id, handler_, session_id, session, deadline, window, batch)
+        if batch is not None and get("scalars") is True:
+            call.scalars = True
         calls[call_id] = call
         if handler_.on_loop:
             call.uses_loop = True
@@ -1156,6 +1160,8 @@ class Worker:
             ctx = call.context()
             bind = handler_.bind
             return lambda it: map(lambda args: _apply_bound(fn, bind(args, ctx)), it)
+        if call.scalars:  # the pool looked at every item already: no need to look again
+            return lambda it: map(fn, it)
         kinds = set(map(type, items))
         kind = kinds.pop() if len(kinds) == 1 else object
         if kind is list:

@@ -337,6 +337,12 @@ class BatchTest(unittest.TestCase):
         self.assertIn("add", error["traceback"])
         self.assertEqual(self.w.ok(2, "echo", [2]), 2)
 
+    def test_items_the_pool_marks_as_scalars_are_each_the_one_argument(self):
+        items = [1, "two", 3.5, True, 2 ** 70]
+        self.assertEqual(self.w.ok(1, "echo", items, batch=True, scalars=True), items)
+        # Without the mark the worker looks at the items: a list is positional arguments.
+        self.assertEqual(self.w.ok(2, "echo", [[1], ["two"]], batch=True), [1, "two"])
+
     def test_bytes_travel_with_their_items(self):
         items = [[b"a" * n] for n in (0, 1, 1000)] + [[{"k": b"\xff", "l": [b"x"]}]]
         self.assertEqual(self.w.ok(1, "echo", items, batch=True),

@@ -16,7 +16,7 @@ use super::{Outcome, Pool, Shared};
 use crate::config::Affinity;
 use crate::error::{closest, CallContext, Error, TimeoutKind};
 use crate::payload::{Payload, PayloadProblem};
-use crate::protocol::MAX_DEPTH;
+use crate::protocol::{CallShape, MAX_DEPTH};
 use crate::stats::Metrics;
 use crate::worker::SendError;
 
@@ -99,7 +99,7 @@ impl Shared {
         args: Payload,
         options: CallOptions,
     ) -> Result<Payload, Error> {
-        self.exchange(caller, command, args, options, false)
+        self.exchange(caller, command, args, options, CallShape::One)
             .await
             .map(|answer| answer.value)
     }
@@ -112,7 +112,7 @@ impl Shared {
         command: &str,
         args: Payload,
         options: CallOptions,
-        batch: bool,
+        shape: CallShape,
     ) -> Result<Answer, Error> {
         let context = self.context(caller.session_id(), command);
         // Debug level: a span per call costs more than the rest of the pool's work on a busy
@@ -128,14 +128,14 @@ impl Shared {
         async {
             let started = Instant::now();
             let (result, took, registered) = match self
-                .begin(caller, &context, args, options, started, batch)
+                .begin(caller, &context, args, options, started, shape)
                 .await
             {
                 Err((err, registered)) => (Err(err), None, registered),
                 Ok((mut flight, deadline, kind)) => {
                     let result = match tokio::time::timeout_at(
                         deadline,
-                        flight.collect(&context, self.config.max_reply_bytes, batch),
+                        flight.collect(&context, self.config.max_reply_bytes, shape.is_batch()),
                     )
                     .await
                     {
@@ -172,7 +172,7 @@ impl Shared {
         let context = self.context(caller.session_id(), command);
         let started = Instant::now();
         match self
-            .begin(caller, &context, args, options, started, false)
+            .begin(caller, &context, args, options, started, CallShape::One)
             .await
         {
             Ok((flight, deadline, kind)) => Ok(CallStream::new(
@@ -202,13 +202,13 @@ impl Shared {
         args: Payload,
         options: CallOptions,
         started: Instant,
-        batch: bool,
+        shape: CallShape,
     ) -> Result<(InFlight, Instant, TimeoutKind), (Error, bool)> {
         // A batch's items were checked one by one as the map packed them (and the frame's
         // size is checked again when it is encoded).
-        let checked = match batch {
-            true => self.check_command(context),
-            false => self.check_request(context, &args),
+        let checked = match shape {
+            CallShape::Batch { .. } => self.check_command(context),
+            CallShape::One => self.check_request(context, &args),
         };
         checked.map_err(|err| (err, false))?;
         let target = match caller.session {
@@ -244,7 +244,7 @@ impl Shared {
             args,
             context.session.as_deref(),
             Some(deadline - now),
-            batch,
+            shape,
         ) {
             Ok((id, replies)) => {
                 span.record("call_id", id);

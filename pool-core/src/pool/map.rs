@@ -22,7 +22,7 @@ use super::lease::Answer;
 use super::{Pool, Shared};
 use crate::error::{CallContext, Error, TimeoutKind};
 use crate::payload::{placeholder_index, Payload};
-use crate::protocol::ATTACHMENT_KEY;
+use crate::protocol::{CallShape, ATTACHMENT_KEY};
 
 /// The largest chunk the pool picks by itself: larger ones delay the first results and hold
 /// more replies in memory for little gain (per-frame costs are already small at this size).
@@ -224,6 +224,9 @@ struct Chunk {
     attachments: Vec<Bytes>,
     /// Items that cannot be sent, by position in the chunk (ascending), with their errors.
     failed_before: Vec<(usize, Error)>,
+    /// Whether every value is one plain value (number, string, bool): the worker is told, and
+    /// need not look at each item to know how to pass it to the handler.
+    scalars: bool,
 }
 
 impl Chunk {
@@ -234,11 +237,13 @@ impl Chunk {
             values: Vec::with_capacity(capacity),
             attachments: Vec::new(),
             failed_before: Vec::new(),
+            scalars: true,
         }
     }
 
     fn push(&mut self, payload: Payload) {
         let mut value = payload.value;
+        self.scalars &= matches!(value, Value::Number(_) | Value::String(_) | Value::Bool(_));
         if !payload.attachments.is_empty() {
             let offset = self.attachments.len();
             renumber(&mut value, &mut |index| Some(index + offset));
@@ -522,7 +527,9 @@ async fn run_chunk(
         values,
         attachments,
         failed_before,
+        scalars,
     } = chunk;
+    let shape = CallShape::Batch { scalars };
     let sent = values.len();
     let mut fatal = None;
     let mut replies = Sent::Failed {
@@ -536,7 +543,7 @@ async fn run_chunk(
         };
         let options = CallOptions { deadline };
         match shared
-            .exchange(Caller::POOL, &context.command, batch, options, true)
+            .exchange(Caller::POOL, &context.command, batch, options, shape)
             .await
         {
             Ok(answer) => replies = Sent::from_answer(&context, answer, sent),

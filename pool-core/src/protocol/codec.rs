@@ -461,6 +461,7 @@ mod tests {
                 timeout_ms: Some(5),
                 window: Some(16),
                 batch: false,
+                scalars: false,
             },
             Message::Call {
                 id: 8,
@@ -470,6 +471,7 @@ mod tests {
                 timeout_ms: None,
                 window: Some(16),
                 batch: true,
+                scalars: true,
             },
             Message::Credit { id: 7, n: 8 },
             Message::Result {
@@ -573,6 +575,7 @@ mod tests {
             timeout_ms: None,
             window: None,
             batch: false,
+            scalars: false,
         };
         let body = encode(&msg, Codec::Json, &[Bytes::from_static(b"\x00\x01")]).unwrap();
         let header = br#"{"type":"call","id":7,"command":"echo","args":{"data":{"__pypool_att__":0}},"att":[2]}"#;

@@ -121,6 +121,10 @@ pub enum Message {
         /// failed.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         batch: bool,
+        /// With `batch`: every item is one plain value (a number, string or bool), so the
+        /// worker may pass each to the handler as its one argument without looking at it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        scalars: bool,
     },
     /// Pool → worker: the consumer took `n` more stream items of call `id`; the worker may send
     /// that many more.
@@ -212,5 +216,21 @@ impl Message {
             Message::Shutdown => "shutdown",
             Message::Goodbye => "goodbye",
         }
+    }
+}
+
+/// How a CALL's `args` are read: one call's arguments, or a batch of items' arguments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CallShape {
+    /// The arguments of one call.
+    One,
+    /// A batch (a chunk of a map): `args` is the list of the items' arguments; `scalars` when
+    /// every item is one plain value (see [`Message::Call`]).
+    Batch { scalars: bool },
+}
+
+impl CallShape {
+    pub(crate) fn is_batch(self) -> bool {
+        matches!(self, CallShape::Batch { .. })
     }
 }

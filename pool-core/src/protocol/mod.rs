@@ -13,6 +13,7 @@ mod message;
 
 pub use codec::{decode, encode, Codec, ProtocolError};
 pub use framed::{channel_from_io, FramedReceiver, FramedSender};
+pub(crate) use message::CallShape;
 pub use message::{Hello, ItemError, Message, RemoteError, Welcome};
 
 /// The protocol version this crate speaks.

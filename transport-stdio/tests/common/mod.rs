@@ -107,6 +107,7 @@ pub async fn call_only(
         timeout_ms: None,
         window: None,
         batch: false,
+        scalars: false,
     };
     send(channel, &msg, attachments).await;
 }

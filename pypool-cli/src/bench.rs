@@ -120,11 +120,25 @@ pub async fn run(global: &Global, args: BenchArgs) -> Result<ExitCode, Failure> 
         prefetch_wait,
         workload,
     };
-    let baselines = if args.baseline {
+    let mut baselines = if args.baseline {
         baseline::all(&args.transport, workload)
     } else {
         Vec::new()
     };
+    if !args.only_baselines.is_empty() {
+        let known: Vec<&str> = baselines.iter().map(|b| b.id).collect();
+        if let Some(unknown) = args
+            .only_baselines
+            .iter()
+            .find(|id| !known.contains(&id.as_str()))
+        {
+            return Err(Failure::usage(format!(
+                "--only-baselines: no baseline {unknown:?}; the baselines are {}",
+                known.join(", ")
+            )));
+        }
+        baselines.retain(|b| args.only_baselines.iter().any(|id| id == b.id));
+    }
     let python_path = if baselines.is_empty() {
         None
     } else {

@@ -274,6 +274,12 @@ pub struct BenchArgs {
     /// caller threads), and say how pypool compares with each.
     #[arg(long)]
     pub baseline: bool,
+
+    /// With --baseline, run only these baselines (comma-separated ids, as in the JSON output:
+    /// raw_floor, imap_unordered_chunksize_1, imap_unordered_auto_chunksize, executor_map,
+    /// pool_apply_threads, executor_submit_threads). Default: all of them.
+    #[arg(long, value_name = "IDS", value_delimiter = ',', requires = "baseline")]
+    pub only_baselines: Vec<String>,
 }
 
 /// `pypool call`.

@@ -7,6 +7,9 @@
 #   1. throughput: `pypool bench --baseline` (stdio, 2 workers, 64 callers, no-op handler,
 #      `call` with the pool's default prefetch) against multiprocessing.Pool.imap_unordered with
 #      chunksize 1 and with Pool.map's automatic chunksize (and the other baselines);
+#   1b. map: `pypool bench --mode map-unordered` (`Pool::map_unordered`, automatic chunksize)
+#      against imap_unordered with its automatic chunksize and ProcessPoolExecutor.map, on
+#      MAP_ITEMS items; again with MSGPACK_PYTHON (an interpreter that has msgpack) if set;
 #   2. latency, 1 worker, 1 caller, stdio, the whole process tree pinned to CPU 0 (taskset),
 #      against a raw Rust->Python length-prefixed pipe echo;
 #   3. the same unpinned;
@@ -17,7 +20,8 @@
 #
 # Environment: PYTHON (the workers' interpreter; default python3), CALLS (calls per throughput
 # run; 100000), REPEAT (runs of each figure; 3), ROUND_TRIPS (per latency repeat; 10000),
-# STARTUP_RUNS (5), OUT (directory for the JSON; target/bench-issue11/<time>).
+# STARTUP_RUNS (5), MAP_ITEMS (items per map run; 1000000), MSGPACK_PYTHON (unset), OUT
+# (directory for the JSON; target/bench-issue11/<time>).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -26,6 +30,8 @@ CALLS=${CALLS:-100000}
 REPEAT=${REPEAT:-3}
 ROUND_TRIPS=${ROUND_TRIPS:-10000}
 STARTUP_RUNS=${STARTUP_RUNS:-5}
+MAP_ITEMS=${MAP_ITEMS:-1000000}
+MSGPACK_PYTHON=${MSGPACK_PYTHON:-}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 OUT=${OUT:-target/bench-issue11/$STAMP}
 mkdir -p "$OUT"
@@ -52,6 +58,18 @@ command -v taskset >/dev/null || { say "taskset is needed (util-linux)"; exit 1;
 say "1/5 throughput: pypool bench --baseline (stdio, 2 workers, 64 callers, $CALLS no-op calls, $REPEAT rounds) ..."
 "$BIN/pypool" --python "$PYTHON" bench --baseline --json --transport stdio --workers 2 \
     --concurrency 64 --calls "$CALLS" --payload 0 --repeat "$REPEAT" >"$OUT/throughput.json"
+
+say "1b/5 map: pypool bench --mode map-unordered --baseline ($MAP_ITEMS items, $REPEAT rounds) ..."
+map_run() {
+    "$BIN/pypool" --python "$1" bench --baseline --json --transport stdio --workers 2 \
+        --mode map-unordered --calls "$MAP_ITEMS" --payload 0 --repeat "$REPEAT" \
+        --only-baselines imap_unordered_auto_chunksize,executor_map
+}
+map_run "$PYTHON" >"$OUT/map.json"
+if [ -n "$MSGPACK_PYTHON" ]; then
+    "$MSGPACK_PYTHON" -c 'import msgpack' || { say "MSGPACK_PYTHON has no msgpack"; exit 1; }
+    map_run "$MSGPACK_PYTHON" >"$OUT/map_msgpack.json"
+fi
 
 say "2/5 latency, stdio, pinned to CPU 0 ..."
 PYPOOL_PYTHON=$PYTHON taskset -c 0 "$BIN/examples/stdio_bench" --only latency --json \
@@ -85,6 +103,9 @@ unpinned = load("stdio_unpinned.json")
 ipc = load("ipc_unpinned.json")
 ipc_pinned = load("ipc_pinned.json")
 startup = load("startup.json")["startup"]
+maps = [(load("map.json"), "JSON")]
+if (out / "map_msgpack.json").exists():
+    maps.append((load("map_msgpack.json"), "msgpack"))
 base = tp["baselines"]
 
 
@@ -150,8 +171,13 @@ print(f"| {tp['workers']} workers, {tp['concurrency']} callers, no-op, throughpu
 print(f"| same, against imap_unordered's automatic chunksize | {spread_rate(tp)} | "
       f"`imap_unordered(..., chunksize={auto['chunksize']})` (what `Pool.map` picks): "
       f"{spread_rate(auto)} | {words(s_auto)} | none for `call` (the `map` row's reference) | — |")
-print(f"| `map` against imap_unordered's automatic chunksize | TODO: `pypool bench --map` "
-      f"(`Pool::map`, being written) | {spread_rate(auto)} | TODO | at least 1x (matching) | TODO |")
+for m, codec in maps:
+    m_auto = m["baselines"]["imap_unordered_auto_chunksize"]
+    s_map = m_auto["pypool_speedup"]["throughput"]
+    print(f"| `map_unordered`, {m['calls']:,} no-op items, 2 workers, automatic chunksize, "
+          f"{codec} codec (Python {m['python']}) | {spread_rate(m)} | "
+          f"`imap_unordered(..., chunksize={m_auto['chunksize']})`: {spread_rate(m_auto)} | "
+          f"{words(s_map)} | at least 1x (matching) | {verdict(s_map['median'] >= 1)} |")
 print(f"| 1 worker, 1 caller, stdio, mean latency, all pinned to CPU {pinned['cpus_allowed']} | "
       f"{fig(lat(pinned, 'pypool')['mean'])} | raw Rust→Python length-prefixed pipe echo, "
       f"no protocol (`os.read`/`os.write` loop): {fig(floor(pinned))} | "

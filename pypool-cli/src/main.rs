@@ -45,7 +45,8 @@ With --json, one object on stdout; every figure is the median over the runs:
   {\"transport\", \"mode\", \"workers\", \"concurrency\", \"payload_bytes\", \"prefetch\",
    \"prefetch_wait_ms\", \"repeat\",
    \"python\", \"calls\" (per run), \"errors\" (all runs), \"startup_ms\", \"duration_ms\",
-   \"throughput_per_s\", \"latency_us\": {\"mean\", \"p50\", \"p99\", \"p999\", \"max\"},
+   \"throughput_per_s\", \"latency_us\": {\"mean\", \"p50\", \"p99\", \"p999\", \"max\"} (null
+   in the map modes),
    \"spread\": {\"startup_ms\": [min, max], \"throughput_per_s\": [min, max],
               \"latency_us\": {\"mean\", \"p50\", \"p99\", \"p999\": [min, max]}},
    \"runs\": [every run's figures],
@@ -63,7 +64,9 @@ Examples:
   pypool bench
   pypool bench --baseline --workers 2 --concurrency 64 --calls 100000
   pypool bench --workers 2 --concurrency 8 --calls 20000 --payload 4KiB --prefetch 0
-  pypool bench --baseline --json";
+  pypool bench --baseline --json
+  pypool bench --mode map-unordered --calls 1000000 --baseline --only-baselines \\
+      imap_unordered_auto_chunksize,executor_map";
 
 /// Pools of long-lived Python worker processes for Rust services.
 ///

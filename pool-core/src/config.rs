@@ -214,10 +214,16 @@ pub struct PoolConfig {
     /// Calls the pool may queue at a worker beyond those it runs (`max_in_flight`), so that a
     /// busy worker never waits for its next call and its replies go out in batches (Celery
     /// calls it prefetch). How many it actually queues follows the worker's recent pace: as many
-    /// as it gets through within `prefetch_wait`, so a worker of long calls gets none and a short
-    /// call is never stuck behind a long one there. Calls still go to the least loaded worker
-    /// first and in arrival order; a queued call that is cancelled is never run. 0 turns it off.
-    /// Default: 64.
+    /// as it gets through within `prefetch_wait`, so a worker of long calls gets none, and a
+    /// worker busy with a call that has already run longer than that takes no more until it is
+    /// back. Calls still go to the least loaded worker first and in arrival order; a queued
+    /// call that is cancelled is never run. 0 turns it off. Default: 64.
+    ///
+    /// The pool cannot know a call is long before it runs, so calls queued at a worker of short
+    /// calls wait behind a long one that arrives among them: with commands of very different
+    /// lengths on one pool (every 50th call 20 ms, the rest no-ops), prefetch gives 4x the
+    /// throughput of short calls but raises their p99 from 26 to 41 ms (BENCHMARKS.md). Where
+    /// that tail matters, set 0 here or give the long commands their own pool.
     pub prefetch: usize,
     /// The longest a call queued at a worker (see `prefetch`) should expect to wait for the calls
     /// ahead of it, judged by the worker's recent pace. Default: 1 ms.

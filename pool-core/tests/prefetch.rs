@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use futures::future::join_all;
 use pool_core::{CallOptions, Error, WorkerState};
@@ -32,6 +34,51 @@ async fn a_worker_of_short_calls_gets_a_deep_queue_and_one_of_long_calls_none() 
     }
     // 50 ms a call: nothing is worth queueing behind one.
     assert_eq!(pool.status().workers[0].max_in_flight, 1);
+    finish(pool, &launcher).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_of_short_calls_running_a_long_one_takes_no_more_until_it_is_back() {
+    let launcher = FakeLauncher::builder()
+        .on("quick", |_| {
+            FakeReply::ok(json!(1)).after(Duration::from_micros(10))
+        })
+        .on("slow", |_| FakeReply::ok(json!(1)).after(ms(50)))
+        .build();
+    let pool = start(with_prefetch(2), &launcher).await;
+    for _ in 0..20 {
+        value(pool.call("quick", json!(null))).await;
+    }
+    let deep = |pool: &pool_core::Pool| {
+        let status = pool.status();
+        status
+            .workers
+            .iter()
+            .map(|w| w.max_in_flight)
+            .collect::<Vec<_>>()
+    };
+    assert!(deep(&pool).iter().all(|&m| m > 1), "{:?}", deep(&pool));
+    let slow = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.call("slow", json!(null)).await })
+    };
+    // Once the long call has run longer than prefetch_wait, its worker takes nothing more: a
+    // quick call waits in the pool's queue for whichever worker is free, not behind it.
+    tokio::time::sleep(ms(5)).await;
+    let status = pool.status();
+    let busy: Vec<_> = status.workers.iter().filter(|w| w.in_flight == 1).collect();
+    assert_eq!(busy.len(), 1, "{:?}", status.workers);
+    assert_eq!(busy[0].max_in_flight, 1);
+    assert_eq!(busy[0].state, WorkerState::Busy);
+    // The other worker, idle, still takes a deep queue, and serves quick calls meanwhile.
+    for _ in 0..10 {
+        value(pool.call("quick", json!(null))).await;
+    }
+    assert!(
+        !slow.is_finished(),
+        "the quick calls waited for the long one"
+    );
+    slow.await.expect("joins").expect("slow call");
     finish(pool, &launcher).await;
 }
 

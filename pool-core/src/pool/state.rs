@@ -80,6 +80,9 @@ pub(crate) struct Slot {
     service: Option<Duration>,
     /// When its last reply came back.
     last_reply: Instant,
+    /// While it has calls: when it started the one it is running (it became busy, or its
+    /// previous call's reply came back).
+    busy_since: Instant,
     retiring: Option<Retiring>,
     /// Due for recycling (why): a replacement is wanted; it retires once the replacement is up
     /// and its Strict sessions are gone (or at once, for a hard reason).
@@ -105,19 +108,27 @@ pub(crate) struct Slot {
 }
 
 impl Slot {
-    fn available(&self) -> bool {
-        self.retiring.is_none() && self.settling == 0 && self.in_flight < self.capacity()
+    fn available(&self, now: Instant) -> bool {
+        self.retiring.is_none() && self.settling == 0 && self.in_flight < self.capacity(now)
     }
 
     /// Calls it takes now: those it runs at once, plus as many queued ones as it gets through
     /// within `prefetch_wait` at its recent pace (at most `prefetch`). A worker of short calls
     /// gets a deep queue, so it never waits for its next call and replies go out in batches; a
     /// worker of long calls gets none, so a short call never waits behind a long one there.
-    pub fn capacity(&self) -> usize {
+    /// The call it is running counts as soon as it has run longer than that pace: a worker of
+    /// short calls that has just been given a long one takes nothing more until it is back.
+    pub fn capacity(&self, now: Instant) -> usize {
+        let running = match self.in_flight {
+            0 => Duration::ZERO,
+            _ => now.saturating_duration_since(self.busy_since),
+        };
         let queued = match self.service {
+            None if running > self.prefetch_wait => 0,
             None => self.prefetch.min(1),
-            Some(service) if service.is_zero() => self.prefetch,
+            Some(service) if service.max(running).is_zero() => self.prefetch,
             Some(service) => {
+                let service = service.max(running);
                 let fits = self.prefetch_wait.as_nanos() / service.as_nanos();
                 self.prefetch
                     .min(usize::try_from(fits).unwrap_or(usize::MAX))
@@ -392,11 +403,12 @@ impl State {
             sessions: self.sessions.len(),
             ..Gauges::default()
         };
+        let now = Instant::now();
         for slot in self.workers.values() {
             gauges.calls_in_flight += slot.in_flight;
             if slot.retiring.is_some() {
                 gauges.workers_draining += 1;
-            } else if slot.in_flight >= slot.capacity() {
+            } else if slot.in_flight >= slot.capacity(now) {
                 gauges.workers_busy += 1;
             } else {
                 gauges.workers_ready += 1;
@@ -458,10 +470,11 @@ impl State {
     /// The worker that should serve `target`, if one is free. Least loaded first, then the one
     /// idle longest, so load spreads over all workers.
     fn pick(&self, target: &Target) -> Option<u64> {
+        let now = Instant::now();
         let best = || {
             self.workers
                 .iter()
-                .filter(|(_, s)| s.available())
+                .filter(|(_, s)| s.available(now))
                 .min_by_key(|(_, s)| (s.in_flight, s.last_used))
                 .map(|(seq, _)| *seq)
         };
@@ -473,7 +486,7 @@ impl State {
                     Affinity::None => best(),
                     Affinity::Prefer => entry
                         .and_then(|e| e.last_worker)
-                        .filter(|seq| self.workers.get(seq).is_some_and(Slot::available))
+                        .filter(|seq| self.workers.get(seq).is_some_and(|s| s.available(now)))
                         .or_else(best),
                     Affinity::Strict | Affinity::StrictNoWait => match entry {
                         // Its worker is gone: no other may serve it (it lacks the state).
@@ -481,7 +494,7 @@ impl State {
                         Some(SessionEntry {
                             bound: Some(seq), ..
                         }) => Some(*seq)
-                            .filter(|seq| self.workers.get(seq).is_some_and(Slot::available)),
+                            .filter(|seq| self.workers.get(seq).is_some_and(|s| s.available(now))),
                         _ => best(),
                     },
                 }
@@ -508,6 +521,9 @@ impl State {
     /// Takes a slot on worker `seq` for a call of `target`; records the session's worker.
     fn take(&mut self, seq: u64, target: &Target) -> Option<Arc<WorkerConn>> {
         let slot = self.workers.get_mut(&seq)?;
+        if slot.in_flight == 0 {
+            slot.busy_since = Instant::now();
+        }
         slot.in_flight += 1;
         slot.calls += 1;
         let conn = slot.conn.clone();
@@ -554,6 +570,8 @@ impl State {
                 Some(pace) => (pace * 7 + took) / 8,
             });
             slot.last_reply = now;
+            // The worker goes on with the next call it holds, if any.
+            slot.busy_since = now;
         }
         if slot.retiring.is_some() || slot.due.is_some() {
             return None;
@@ -705,6 +723,7 @@ impl State {
                 prefetch_wait: self.limits.prefetch_wait,
                 service: None,
                 last_reply: now,
+                busy_since: now,
                 retiring: None,
                 due: None,
                 due_hard: false,
@@ -789,7 +808,7 @@ impl State {
         let affinity = entry.affinity;
         if let Some(bound) = entry.bound {
             if let Some(slot) = self.workers.get(&bound) {
-                if affinity == Affinity::StrictNoWait && !slot.available() {
+                if affinity == Affinity::StrictNoWait && !slot.available(now) {
                     let worker = slot.conn.id.clone();
                     self.session_call_done(id, false, now);
                     return Err(Error::WorkerBusy {

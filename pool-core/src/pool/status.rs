@@ -60,14 +60,14 @@ impl Pool {
                     WorkerState::Draining
                 } else if slot.is_due() {
                     WorkerState::Recycling
-                } else if slot.in_flight() >= slot.capacity() {
+                } else if slot.in_flight() >= slot.capacity(now) {
                     WorkerState::Busy
                 } else {
                     WorkerState::Ready
                 },
                 overflow: slot.overflow,
                 in_flight: slot.in_flight(),
-                max_in_flight: slot.capacity(),
+                max_in_flight: slot.capacity(now),
                 calls: slot.calls(),
                 age_ms: millis(now.saturating_duration_since(slot.started)),
                 idle_ms: if slot.in_flight() == 0 {

@@ -125,7 +125,7 @@ impl Shared {
             worker = tracing::field::Empty,
             call_id = tracing::field::Empty,
         );
-        async {
+        let run = async {
             let started = Instant::now();
             let (result, took, registered) = match self
                 .begin(caller, &context, args, options, started, shape)
@@ -157,9 +157,14 @@ impl Shared {
             let session = registered.then(|| caller.session_id()).flatten();
             self.call_finished(session.map(|s| &**s), took, outcome);
             result
+        };
+        // An instrumented future enters and leaves its span on every poll, even a disabled one:
+        // a cost on every call when nobody listens at debug level.
+        if span.is_disabled() {
+            run.await
+        } else {
+            run.instrument(span).await
         }
-        .instrument(span)
-        .await
     }
 
     pub(crate) async fn call_stream(

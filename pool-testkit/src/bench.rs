@@ -120,3 +120,30 @@ where
     }
     Ok(h)
 }
+
+/// The CPUs this process may run on (`taskset` sets it for the whole tree).
+pub fn cpus_allowed() -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|v| v.trim().to_owned())
+}
+
+/// The median of some values and their range, as JSON `{"median", "min", "max"}` rounded to
+/// three decimals (empty input: all zero).
+pub fn figure(values: &[f64]) -> Value {
+    let mut v: Vec<f64> = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return json!({"median": 0.0, "min": 0.0, "max": 0.0});
+    }
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    let r = |x: f64| (x * 1000.0).round() / 1000.0;
+    json!({"median": r(median), "min": r(v[0]), "max": r(v[n - 1])})
+}

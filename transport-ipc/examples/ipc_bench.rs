@@ -109,29 +109,6 @@ fn options() -> Result<Options, String> {
     Ok(o)
 }
 
-/// The CPUs this process may run on (`taskset` sets it for the whole tree).
-fn cpus_allowed() -> Option<String> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .map(|v| v.trim().to_owned())
-}
-
-/// The median of some values and their range.
-fn figure(values: &[f64]) -> Value {
-    let mut v: Vec<f64> = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let median = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    let r = |x: f64| (x * 1000.0).round() / 1000.0;
-    json!({"median": r(median), "min": r(v[0]), "max": r(v[n - 1])})
-}
-
 /// Mean, p50 and p99 of one repeat's round trips, in microseconds.
 fn latency(samples: &mut [Duration]) -> [f64; 3] {
     samples.sort_unstable();
@@ -325,9 +302,9 @@ async fn measure_latency(
         out.insert(
             (*name).to_owned(),
             json!({
-                "mean": figure(&pick(0)),
-                "p50": figure(&pick(1)),
-                "p99": figure(&pick(2)),
+                "mean": bench::figure(&pick(0)),
+                "p50": bench::figure(&pick(1)),
+                "p99": bench::figure(&pick(2)),
                 "runs": f.iter().map(|x| json!({"mean": x[0], "p50": x[1], "p99": x[2]})).collect::<Vec<_>>(),
             }),
         );
@@ -338,7 +315,7 @@ async fn measure_latency(
             .zip(&figures[base])
             .map(|(p, b)| p[0] / b[0])
             .collect();
-        figure(&r)
+        bench::figure(&r)
     };
     // The floor of each repeat: the faster of the two raw echoes (unpinned, either can land in
     // the slow mode of a cross-CPU wake-up for a whole repeat).
@@ -352,14 +329,14 @@ async fn measure_latency(
         .zip(&floor)
         .map(|(p, f)| p[0] / f)
         .collect();
-    out.insert("floor".to_owned(), json!({"mean": figure(&floor)}));
+    out.insert("floor".to_owned(), json!({"mean": bench::figure(&floor)}));
     Ok(json!({
         "frame_bytes": frame.len(),
         "round_trips_per_repeat": o.round_trips,
         "block": o.block,
         "warm_up": WARM_UP,
         "latency_us": out,
-        "pypool_mean_over": {"raw_blocking": ratio(0), "raw_tokio": ratio(1), "floor": figure(&floor_ratio)},
+        "pypool_mean_over": {"raw_blocking": ratio(0), "raw_tokio": ratio(1), "floor": bench::figure(&floor_ratio)},
     }))
 }
 
@@ -434,7 +411,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let pool = Pool::start(config, Arc::new(IpcLauncher::new())).await?;
     let mut report = json!({
         "transport": "ipc",
-        "cpus_allowed": cpus_allowed(),
+        "cpus_allowed": bench::cpus_allowed(),
         "python": python.display().to_string(),
         "repeat": o.repeat,
     });

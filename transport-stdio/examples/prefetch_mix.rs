@@ -31,6 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pool_core::{Pool, PoolConfig, WorkerSpec};
+use pool_testkit::bench;
 use serde_json::{json, Value};
 use transport_stdio::StdioLauncher;
 
@@ -106,29 +107,6 @@ fn options() -> Result<Options, String> {
         }
     }
     Ok(o)
-}
-
-/// The CPUs this process may run on (`taskset` sets it for the whole tree).
-fn cpus_allowed() -> Option<String> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .map(|v| v.trim().to_owned())
-}
-
-/// The median of some values and their range.
-fn figure(values: &[f64]) -> Value {
-    let mut v: Vec<f64> = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let median = if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    };
-    let r = |x: f64| (x * 1000.0).round() / 1000.0;
-    json!({"median": r(median), "min": r(v[0]), "max": r(v[n - 1])})
 }
 
 /// Mean, p50, p99 and p99.9 of some latencies, in milliseconds (`None` if there are none).
@@ -238,7 +216,7 @@ fn summary(name: &str, (prefetch, wait): (usize, Duration), runs: &[Run]) -> Val
         if v.is_empty() {
             return Value::Null;
         }
-        let col = |i: usize| figure(&v.iter().map(|x| x[i]).collect::<Vec<_>>());
+        let col = |i: usize| bench::figure(&v.iter().map(|x| x[i]).collect::<Vec<_>>());
         json!({"mean": col(0), "p50": col(1), "p99": col(2), "p99_9": col(3)})
     };
     let per_run = |x: Option<[f64; 4]>| {
@@ -250,7 +228,7 @@ fn summary(name: &str, (prefetch, wait): (usize, Duration), runs: &[Run]) -> Val
         "config": name,
         "prefetch": prefetch,
         "prefetch_wait_ms": wait.as_secs_f64() * 1e3,
-        "throughput_per_s": figure(&runs.iter().map(|r| r.throughput).collect::<Vec<_>>()),
+        "throughput_per_s": bench::figure(&runs.iter().map(|r| r.throughput).collect::<Vec<_>>()),
         "fast_ms": stats(|r| r.fast),
         "slow_ms": stats(|r| r.slow),
         "runs": runs.iter().map(|r| json!({
@@ -341,7 +319,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "warm_up": WARM_UP,
         "repeat": o.repeat,
         "python": python.display().to_string(),
-        "cpus_allowed": cpus_allowed(),
+        "cpus_allowed": bench::cpus_allowed(),
         "seconds": started.elapsed().as_secs_f64(),
         "mixed": summarise(&mixed),
         "fast_only": summarise(&fast_only),

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use crate::assets::{Assets, PYTHON_POOLS, RAW_ECHO};
-use crate::bench::Workload;
+use crate::measure::Workload;
 use crate::measure::{drive, Measurement, Speedup, Summary};
 use crate::ui::{Failure, Ui};
 use crate::Global;

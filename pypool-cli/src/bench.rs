@@ -16,24 +16,12 @@ use serde_json::json;
 
 use crate::assets::{Assets, DEMO_HANDLERS, PYTHON_POOLS, RAW_ECHO};
 use crate::baseline::{self, Baseline, Baselines, Compared};
-use crate::measure::{drive, Driven, Figure, Measurement, Range, Speedup, Summary};
+use crate::measure::{drive, Driven, Figure, Measurement, Range, Speedup, Summary, Workload};
 use crate::ui::{
     fmt_bytes, fmt_count, fmt_rate, fmt_rate_range, fmt_speedup, fmt_us, table, wrap, Failure, Ui,
     MAX_WIDTH,
 };
 use crate::{BenchArgs, Global};
-
-/// The workload, as given on the command line.
-#[derive(Debug, Clone, Copy)]
-pub struct Workload {
-    pub workers: usize,
-    pub concurrency: usize,
-    pub calls: u64,
-    /// 0: the no-op (a small int in, the same int out); otherwise the size of a binary echo.
-    pub payload: usize,
-    /// Items per chunk in the map modes; 0 for the pool's automatic choice.
-    pub chunksize: usize,
-}
 
 /// How the bench drives the pool. Each mode is one function that runs the workload on a started
 /// pool ([`drive_pool`]); a mode that drives the pool differently (e.g. `Pool::map`) is one more
@@ -180,7 +168,7 @@ pub async fn run(global: &Global, args: BenchArgs) -> Result<ExitCode, Failure> 
         concurrency: workload.concurrency,
         payload_bytes: workload.payload,
         prefetch,
-        prefetch_wait_ms: crate::ui::ms(prefetch_wait),
+        prefetch_wait_ms: crate::measure::ms(prefetch_wait),
         repeat: args.repeat,
         python,
         pypool: Summary::of(pypool_runs),

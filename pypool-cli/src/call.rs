@@ -45,7 +45,7 @@ pub async fn run(global: &Global, args: CallArgs) -> Result<ExitCode, Failure> {
             if ui.json {
                 println!(
                     "{}",
-                    json!({"ok": true, "result": shown, "elapsed_ms": crate::ui::ms(elapsed)})
+                    json!({"ok": true, "result": shown, "elapsed_ms": crate::measure::ms(elapsed)})
                 );
             } else {
                 let text = serde_json::to_string_pretty(&shown)

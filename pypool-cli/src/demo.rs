@@ -10,8 +10,9 @@ use serde_json::{json, Value};
 use tokio::task::JoinSet;
 
 use crate::assets::{Assets, DEMO_HANDLERS};
+use crate::measure::ms;
 use crate::ui::{
-    error_json, fmt_bytes, fmt_count, fmt_duration, fmt_rate, fmt_us, ms, table, Failure, Ui,
+    error_json, fmt_bytes, fmt_count, fmt_duration, fmt_rate, fmt_us, table, Failure, Ui,
 };
 use crate::{DemoArgs, Global};
 

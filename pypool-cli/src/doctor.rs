@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::assets::{Assets, DEMO_HANDLERS};
-use crate::ui::{fmt_us, ms, Failure, Ui};
+use crate::measure::ms;
+use crate::ui::{fmt_us, Failure, Ui};
 use crate::Global;
 
 #[derive(Debug, Serialize)]

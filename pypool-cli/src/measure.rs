@@ -1,4 +1,5 @@
-//! Driving many concurrent callers, and summarising repeated runs: medians, spreads, speed-ups.
+//! The workload, driving many concurrent callers, and summarising repeated runs: medians,
+//! spreads, speed-ups.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,6 +10,18 @@ use hdrhistogram::Histogram;
 use indicatif::ProgressBar;
 use serde::{Serialize, Serializer};
 use tokio::task::JoinSet;
+
+/// The workload, as given on the command line.
+#[derive(Debug, Clone, Copy)]
+pub struct Workload {
+    pub workers: usize,
+    pub concurrency: usize,
+    pub calls: u64,
+    /// 0: the no-op (a small int in, the same int out); otherwise the size of a binary echo.
+    pub payload: usize,
+    /// Items per chunk in the map modes; 0 for the pool's automatic choice.
+    pub chunksize: usize,
+}
 
 /// Latency percentiles in microseconds.
 #[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
@@ -78,8 +91,8 @@ impl Driven {
     pub fn measurement(&self, startup: Duration) -> Measurement {
         let seconds = self.duration.as_secs_f64();
         Measurement {
-            startup_ms: crate::ui::ms(startup),
-            duration_ms: crate::ui::ms(self.duration),
+            startup_ms: ms(startup),
+            duration_ms: ms(self.duration),
             calls: self.calls,
             errors: self.errors,
             throughput_per_s: if seconds > 0.0 {
@@ -354,6 +367,11 @@ impl Speedup {
             p99: latency(|l| l.p99 as f64),
         }
     }
+}
+
+/// Milliseconds with three decimals, for JSON.
+pub fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
 #[cfg(test)]

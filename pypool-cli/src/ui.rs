@@ -414,11 +414,6 @@ fn three_digits(x: f64) -> String {
     }
 }
 
-/// Milliseconds with three decimals, for JSON.
-pub fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e6).round() / 1e3
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

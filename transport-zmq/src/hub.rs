@@ -32,7 +32,7 @@ use zeromq::{
 };
 
 use crate::key::{self, Key, Verifier, TO_POOL, TO_WORKER};
-use crate::link::{Inbound, Link, LinkParts};
+use crate::link::{Command, Inbound, Link, LinkParts};
 
 /// Connections that have not finished joining, at most. Past this, new connections are dropped
 /// at once: a flood of strangers costs a bounded table, not the pool.
@@ -95,12 +95,6 @@ struct Pairing {
     /// Remote: authenticated peers no launch has taken yet, oldest first.
     lobby: VecDeque<Link>,
     closed: bool,
-}
-
-/// Sent to the router task by links and launches.
-pub(crate) enum Command {
-    /// The link is dropped: forget the peer and disconnect it.
-    Forget(PeerIdentity),
 }
 
 impl Hub {

@@ -13,8 +13,13 @@ use tokio::sync::mpsc;
 use zeromq::util::PeerIdentity;
 use zeromq::{RouterSendHalf, SocketSend, ZmqMessage};
 
-use crate::hub::Command;
 use crate::key::Signer;
+
+/// Sent to the router task by links and launches.
+pub(crate) enum Command {
+    /// The link is dropped: forget the peer and disconnect it.
+    Forget(PeerIdentity),
+}
 
 /// What the router hands a link: a checked body, or why the peer was dropped.
 pub(crate) type Inbound = Result<Bytes, String>;

@@ -114,7 +114,7 @@ impl MapOptions {
 
 /// An input item: its arguments, or why they cannot be sent (reported as its result).
 type Item = Result<Payload, Error>;
-type Items = Box<dyn Source>;
+type BoxedInput = Box<dyn Source>;
 
 /// A map's input, read a chunk at a time: the loop over a chunk's items is compiled for each
 /// input type, behind one dynamic call per chunk (a call per item, moving a 100-byte result
@@ -148,7 +148,7 @@ struct Input<I> {
 }
 
 impl<I> Input<I> {
-    fn boxed(items: I) -> Items
+    fn boxed(items: I) -> BoxedInput
     where
         I: Iterator<Item = Item> + Send + 'static,
     {
@@ -365,7 +365,7 @@ struct Driver<Q> {
     /// Keeps the pool alive while the map runs.
     pool: Pool,
     context: CallContext,
-    input: Items,
+    input: BoxedInput,
     sizing: Sizing,
     chunks_in_flight: usize,
     deadline: Option<Instant>,
@@ -383,7 +383,7 @@ impl<Q: ChunkQueue + Default> Driver<Q> {
     fn new(
         pool: &Pool,
         command: &str,
-        input: Items,
+        input: BoxedInput,
         size_hint: (usize, Option<usize>),
         options: MapOptions,
     ) -> Self {
@@ -831,7 +831,7 @@ impl std::fmt::Debug for MapUnordered {
 }
 
 /// A map's input of payloads (or values that convert into them), and its size hint.
-fn boxed<I>(items: I) -> (Items, (usize, Option<usize>))
+fn boxed<I>(items: I) -> (BoxedInput, (usize, Option<usize>))
 where
     I: IntoIterator,
     I::Item: Into<Payload>,

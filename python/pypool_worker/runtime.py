@@ -118,6 +118,9 @@ INLINE_BUDGET_SECONDS = 0.005
 # How long a slice of a batch runs before the batch looks for a cancel (and, on the reader,
 # reads incoming messages), and the most items in one slice.
 _BATCH_LOOK_SECONDS = 0.001
+# How long the reader runs quick calls it has already read before it looks at the channel again
+# (for a CANCEL of a call behind them, or a PING).
+_LOCAL_LOOK_SECONDS = 0.0002
 _MAX_SLICE = 4096
 
 
@@ -888,16 +891,23 @@ class Worker:
     def _run_local(self):
         """Run the sync calls read so far, in arrival order: on this (the reader) thread when
         their handler allows it and the sync thread is idle, else on the sync thread. Between
-        two calls, whatever has arrived meanwhile is read first. Then the replies go out."""
+        two calls (in a run of quick ones, every _LOCAL_LOOK_SECONDS), whatever has arrived
+        meanwhile is read first. Then the replies go out."""
         local = self._local
         pending = self._pending
         inline_ok = self._inline_ok
+        clock = time.perf_counter
+        looked = clock()
         while local:
             call, args = local.popleft()
             if call.handler.inline and inline_ok and self._sync_sent == self._sync_done:
                 self._run_inline(call, args)
-                if local and pending():
-                    self._read_pending()
+                # A look costs a system call: after a call that took a while, or once every
+                # _LOCAL_LOOK_SECONDS through a run of quick ones (prefetch delivers many).
+                if local and clock() - looked >= _LOCAL_LOOK_SECONDS:
+                    looked = clock()
+                    if pending():
+                        self._read_pending()
             else:
                 self._sync_sent += 1
                 self._sync_queue.put((call, args))

@@ -253,7 +253,7 @@ impl Shared {
         ) {
             Ok((id, replies)) => {
                 span.record("call_id", id);
-                Ok((InFlight::new(lease, id, replies), deadline, kind))
+                Ok((InFlight::new(lease, id, replies, now), deadline, kind))
             }
             Err(SendError::Dead(death)) => Err((self.death_error(context, death), true)),
             Err(SendError::TooLarge(size)) => Err((

@@ -80,8 +80,13 @@ pub(crate) struct InFlight {
 }
 
 impl InFlight {
-    pub(super) fn new(mut lease: Lease, id: u64, replies: mpsc::Receiver<Reply>) -> Self {
-        let sent_at = Instant::now();
+    /// `sent_at`: when the call was handed to the worker's connection.
+    pub(super) fn new(
+        mut lease: Lease,
+        id: u64,
+        replies: mpsc::Receiver<Reply>,
+        sent_at: Instant,
+    ) -> Self {
         lease.sent = Some(sent_at);
         InFlight {
             lease: Some(lease),

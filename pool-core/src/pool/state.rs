@@ -434,8 +434,9 @@ impl State {
         if !self.waiters.is_empty() {
             return None;
         }
-        let seq = self.pick(target)?;
-        let conn = self.take(seq, target)?;
+        let now = Instant::now();
+        let seq = self.pick(target, now)?;
+        let conn = self.take(seq, target, now)?;
         Some((seq, conn))
     }
 
@@ -469,8 +470,7 @@ impl State {
 
     /// The worker that should serve `target`, if one is free. Least loaded first, then the one
     /// idle longest, so load spreads over all workers.
-    fn pick(&self, target: &Target) -> Option<u64> {
-        let now = Instant::now();
+    fn pick(&self, target: &Target, now: Instant) -> Option<u64> {
         let best = || {
             self.workers
                 .iter()
@@ -519,10 +519,10 @@ impl State {
     }
 
     /// Takes a slot on worker `seq` for a call of `target`; records the session's worker.
-    fn take(&mut self, seq: u64, target: &Target) -> Option<Arc<WorkerConn>> {
+    fn take(&mut self, seq: u64, target: &Target, now: Instant) -> Option<Arc<WorkerConn>> {
         let slot = self.workers.get_mut(&seq)?;
         if slot.in_flight == 0 {
-            slot.busy_since = Instant::now();
+            slot.busy_since = now;
         }
         slot.in_flight += 1;
         slot.calls += 1;
@@ -925,12 +925,12 @@ impl State {
                 continue;
             }
             let target = waiter.target.clone();
-            match self.pick(&target) {
+            match self.pick(&target, now) {
                 Some(seq) => {
                     let Some(waiter) = self.waiters.remove(i) else {
                         break;
                     };
-                    if let Some(conn) = self.take(seq, &target) {
+                    if let Some(conn) = self.take(seq, &target, now) {
                         out.grants.push(Grant {
                             tx: waiter.tx,
                             seq,

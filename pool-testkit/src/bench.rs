@@ -1,9 +1,11 @@
 //! Pieces the transport benches share: the bench app, latency histograms, the pool side of a
-//! round-trip measurement, and a raw frame of the size the pool sends, for the floor.
+//! round-trip measurement, the floor's blocking echo driver and a raw frame of the size the pool
+//! sends, and how figures are summarised and printed.
 
-use std::future::Future;
+use std::io::{Read, Write};
 use std::path::Path;
-use std::time::Instant;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use pool_core::protocol::{encode, Codec, Message};
@@ -32,39 +34,6 @@ pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant bounds")
 }
 
-/// Times `rounds` sequential runs of `round_trip` after `warm_up` untimed ones.
-pub async fn time_round_trips<F, Fut, E>(
-    warm_up: usize,
-    rounds: usize,
-    mut round_trip: F,
-) -> Result<Histogram<u64>, E>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), E>>,
-{
-    for _ in 0..warm_up {
-        round_trip().await?;
-    }
-    let mut h = histogram();
-    for _ in 0..rounds {
-        let t = Instant::now();
-        round_trip().await?;
-        h.saturating_record(t.elapsed().as_micros() as u64);
-    }
-    Ok(h)
-}
-
-/// Sequential no-op `echo` calls through `pool`: 200 warm-up calls, then `rounds` timed ones.
-pub async fn time_pool_calls(
-    pool: &Pool,
-    rounds: usize,
-) -> Result<Histogram<u64>, pool_core::Error> {
-    time_round_trips(200, rounds, || async {
-        pool.call("echo", noop_args()).await.map(drop)
-    })
-    .await
-}
-
 /// A length-prefixed frame as large as the pool's CALL of [`noop_args`], for the raw floor.
 pub fn call_sized_frame() -> Vec<u8> {
     let call = Message::Call {
@@ -82,43 +51,6 @@ pub fn call_sized_frame() -> Vec<u8> {
     let mut frame = (body.len() as u32).to_be_bytes().to_vec();
     frame.extend_from_slice(&body);
     frame
-}
-
-/// A Markdown table row: mean, p50, p99 in µs, and the mean as a ratio of `base`'s.
-pub fn latency_row(name: &str, h: &Histogram<u64>, base: &Histogram<u64>) -> String {
-    format!(
-        "| {name} | {:.1} | {} | {} | {:.2} |",
-        h.mean(),
-        h.value_at_quantile(0.5),
-        h.value_at_quantile(0.99),
-        h.mean() / base.mean()
-    )
-}
-
-/// The floor: `rounds` sequential ping-pongs of `frame` with a raw echo on `writer`/`reader`,
-/// after 200 untimed ones.
-pub async fn time_raw_echo<W, R>(
-    writer: &mut W,
-    reader: &mut R,
-    frame: &[u8],
-    rounds: usize,
-) -> std::io::Result<Histogram<u64>>
-where
-    W: tokio::io::AsyncWrite + Unpin,
-    R: tokio::io::AsyncRead + Unpin,
-{
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut back = vec![0u8; frame.len()];
-    let mut h = histogram();
-    for round in 0..200 + rounds {
-        let t = Instant::now();
-        writer.write_all(frame).await?;
-        reader.read_exact(&mut back).await?;
-        if round >= 200 {
-            h.saturating_record(t.elapsed().as_micros() as u64);
-        }
-    }
-    Ok(h)
 }
 
 /// The CPUs this process may run on (`taskset` sets it for the whole tree).
@@ -146,4 +78,126 @@ pub fn figure(values: &[f64]) -> Value {
     };
     let r = |x: f64| (x * 1000.0).round() / 1000.0;
     json!({"median": r(median), "min": r(v[0]), "max": r(v[n - 1])})
+}
+
+/// Mean, p50 and p99 of one repeat's round trips, in microseconds (sorts `samples`; empty:
+/// all zero).
+pub fn round_trip_stats(samples: &mut [Duration]) -> [f64; 3] {
+    if samples.is_empty() {
+        return [0.0; 3];
+    }
+    samples.sort_unstable();
+    let total: Duration = samples.iter().sum();
+    let at = |q: f64| {
+        let i = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1;
+        samples[i].as_secs_f64() * 1e6
+    };
+    [
+        total.as_secs_f64() * 1e6 / samples.len() as f64,
+        at(0.5),
+        at(0.99),
+    ]
+}
+
+/// `rounds` sequential no-op calls through the pool, from a runtime task (as a service's
+/// handler makes them), each timed.
+pub async fn time_pool_block(
+    pool: &Pool,
+    rounds: usize,
+) -> Result<Vec<Duration>, pool_core::Error> {
+    let pool = pool.clone();
+    match tokio::spawn(async move {
+        let mut times = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            let t = Instant::now();
+            pool.call("echo", noop_args()).await?;
+            times.push(t.elapsed());
+        }
+        Ok(times)
+    })
+    .await
+    {
+        Ok(result) => result,
+        Err(join) => std::panic::resume_unwind(join.into_panic()),
+    }
+}
+
+/// A [`figure`] as `median (min–max)` with one decimal.
+pub fn fmt_figure(f: &Value) -> String {
+    let g = |k: &str| f[k].as_f64().unwrap_or(f64::NAN);
+    format!("{:.1} ({:.1}–{:.1})", g("median"), g("min"), g("max"))
+}
+
+/// A [`figure`] of ratios as `median x (min–max)`.
+pub fn fmt_ratio(f: &Value) -> String {
+    let g = |k: &str| f[k].as_f64().unwrap_or(f64::NAN);
+    format!("{:.2}x ({:.2}–{:.2})", g("median"), g("min"), g("max"))
+}
+
+/// A raw echo driven with blocking `std` I/O from a thread of its own: the floor. The thread
+/// owns the echo process and its two ends; each [`block`](BlockingEcho::block) times `rounds`
+/// round trips of `frame`. Dropping it closes the ends (the echo sees EOF) and reaps the process.
+pub struct BlockingEcho {
+    run: mpsc::Sender<usize>,
+    done: mpsc::Receiver<std::io::Result<Vec<Duration>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BlockingEcho {
+    /// Drives the echo process `child` through `writer` and `reader` (its stdin and stdout, or
+    /// two handles of one socket).
+    pub fn spawn<W, R>(
+        mut child: std::process::Child,
+        mut writer: W,
+        mut reader: R,
+        frame: Arc<[u8]>,
+    ) -> BlockingEcho
+    where
+        W: Write + Send + 'static,
+        R: Read + Send + 'static,
+    {
+        let (run, runs) = mpsc::channel::<usize>();
+        let (finished, done) = mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let mut back = vec![0u8; frame.len()];
+            for rounds in runs {
+                let mut times = Vec::with_capacity(rounds);
+                let result = (|| {
+                    for _ in 0..rounds {
+                        let t = Instant::now();
+                        writer.write_all(&frame)?;
+                        reader.read_exact(&mut back)?;
+                        times.push(t.elapsed());
+                    }
+                    Ok(())
+                })();
+                let _ = finished.send(result.map(|()| times));
+            }
+            drop(writer);
+            drop(reader);
+            let _ = child.wait();
+        });
+        BlockingEcho {
+            run,
+            done,
+            thread: Some(thread),
+        }
+    }
+
+    /// Times `rounds` round trips.
+    pub fn block(&self, rounds: usize) -> std::io::Result<Vec<Duration>> {
+        self.run.send(rounds).map_err(std::io::Error::other)?;
+        self.done.recv().map_err(std::io::Error::other)?
+    }
+}
+
+impl Drop for BlockingEcho {
+    fn drop(&mut self) {
+        // A closed run channel ends the thread's loop.
+        let (run, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.run, run));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }

@@ -21,10 +21,8 @@
 //! figure divided by the floor's within one repeat (above 1: pypool is slower by that factor).
 //! The floor of a repeat is the faster of the two raw echoes in it.
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -109,21 +107,6 @@ fn options() -> Result<Options, String> {
     Ok(o)
 }
 
-/// Mean, p50 and p99 of one repeat's round trips, in microseconds.
-fn latency(samples: &mut [Duration]) -> [f64; 3] {
-    samples.sort_unstable();
-    let total: Duration = samples.iter().sum();
-    let at = |q: f64| {
-        let i = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1;
-        samples[i].as_secs_f64() * 1e6
-    };
-    [
-        total.as_secs_f64() * 1e6 / samples.len() as f64,
-        at(0.5),
-        at(0.99),
-    ]
-}
-
 /// Starts the Python echo, connected to a fresh socket; returns it and the accepted stream.
 fn start_echo(
     python: &Path,
@@ -141,57 +124,15 @@ fn start_echo(
     Ok((child, stream))
 }
 
-/// A raw echo driven with blocking `std` I/O from a thread of its own: the floor.
-struct BlockingEcho {
-    run: mpsc::Sender<usize>,
-    done: mpsc::Receiver<std::io::Result<Vec<Duration>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl BlockingEcho {
-    fn start(python: &Path, dir: &Path, frame: Arc<[u8]>) -> std::io::Result<BlockingEcho> {
-        let (mut child, mut sock) = start_echo(python, dir, "blocking.sock")?;
-        let (run, runs) = mpsc::channel::<usize>();
-        let (finished, done) = mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            let mut back = vec![0u8; frame.len()];
-            for rounds in runs {
-                let mut times = Vec::with_capacity(rounds);
-                let result = (|| {
-                    for _ in 0..rounds {
-                        let t = Instant::now();
-                        sock.write_all(&frame)?;
-                        sock.read_exact(&mut back)?;
-                        times.push(t.elapsed());
-                    }
-                    Ok(())
-                })();
-                let _ = finished.send(result.map(|()| times));
-            }
-            drop(sock);
-            let _ = child.wait();
-        });
-        Ok(BlockingEcho {
-            run,
-            done,
-            thread: Some(thread),
-        })
-    }
-
-    fn block(&self, rounds: usize) -> std::io::Result<Vec<Duration>> {
-        self.run.send(rounds).map_err(std::io::Error::other)?;
-        self.done.recv().map_err(std::io::Error::other)?
-    }
-}
-
-impl Drop for BlockingEcho {
-    fn drop(&mut self) {
-        let (run, _) = mpsc::channel();
-        drop(std::mem::replace(&mut self.run, run));
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
+/// The floor's echo process on a Unix socket, driven with blocking `std` I/O from a thread.
+fn start_blocking_echo(
+    python: &Path,
+    dir: &Path,
+    frame: Arc<[u8]>,
+) -> std::io::Result<bench::BlockingEcho> {
+    let (child, sock) = start_echo(python, dir, "blocking.sock")?;
+    let writer = sock.try_clone()?;
+    Ok(bench::BlockingEcho::spawn(child, writer, sock, frame))
 }
 
 /// A raw echo driven through a tokio `UnixStream` from a runtime task.
@@ -238,22 +179,6 @@ impl TokioEcho {
     }
 }
 
-/// Sequential no-op calls through the pool, from a runtime task (as a service's handler).
-async fn pool_block(pool: &Pool, rounds: usize) -> Result<Vec<Duration>, pool_core::Error> {
-    let pool = pool.clone();
-    tokio::spawn(async move {
-        let mut times = Vec::with_capacity(rounds);
-        for _ in 0..rounds {
-            let t = Instant::now();
-            pool.call("echo", bench::noop_args()).await?;
-            times.push(t.elapsed());
-        }
-        Ok(times)
-    })
-    .await
-    .expect("the calling task does not panic")
-}
-
 const CONTENDERS: [&str; 3] = ["raw_blocking", "raw_tokio", "pypool"];
 
 async fn measure_latency(
@@ -263,12 +188,12 @@ async fn measure_latency(
 ) -> Result<Value, Box<dyn std::error::Error>> {
     let frame: Arc<[u8]> = bench::call_sized_frame().into();
     let dir = tempfile::tempdir()?;
-    let blocking = BlockingEcho::start(python, dir.path(), frame.clone())?;
+    let blocking = start_blocking_echo(python, dir.path(), frame.clone())?;
     let mut tokio_echo = TokioEcho::start(python, dir.path(), frame.clone())?;
 
     blocking.block(WARM_UP)?;
     tokio_echo.block(WARM_UP).await?;
-    pool_block(pool, WARM_UP).await?;
+    bench::time_pool_block(pool, WARM_UP).await?;
 
     let blocks = o.round_trips.div_ceil(o.block);
     let mut figures = vec![Vec::new(); CONTENDERS.len()];
@@ -282,14 +207,14 @@ async fn measure_latency(
                 let times = match which {
                     0 => blocking.block(rounds)?,
                     1 => tokio_echo.block(rounds).await?,
-                    _ => pool_block(pool, rounds).await?,
+                    _ => bench::time_pool_block(pool, rounds).await?,
                 };
                 samples[which].extend(times);
             }
             turn += 1;
         }
         for (which, s) in samples.iter_mut().enumerate() {
-            figures[which].push(latency(s));
+            figures[which].push(bench::round_trip_stats(s));
         }
     }
     drop(blocking);
@@ -385,16 +310,6 @@ async fn measure_big(pool: &Pool, python: &Path) -> Result<Value, Box<dyn std::e
     Ok(json!({"bytes": BIG, "raw_best_ms": best(&raw_big), "pypool_best_ms": best(&pool_big)}))
 }
 
-fn fmt(f: &Value) -> String {
-    let g = |k: &str| f[k].as_f64().unwrap_or(f64::NAN);
-    format!("{:.1} ({:.1}–{:.1})", g("median"), g("min"), g("max"))
-}
-
-fn fmt_ratio(f: &Value) -> String {
-    let g = |k: &str| f[k].as_f64().unwrap_or(f64::NAN);
-    format!("{:.2}x ({:.2}–{:.2})", g("median"), g("min"), g("max"))
-}
-
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let o = options()?;
@@ -449,20 +364,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let floor = &l["latency_us"]["floor"]["mean"];
         println!(
             "| floor: the faster raw echo of each repeat | {} | | | {} |",
-            fmt(floor),
-            fmt_ratio(&l["pypool_mean_over"]["floor"])
+            bench::fmt_figure(floor),
+            bench::fmt_ratio(&l["pypool_mean_over"]["floor"])
         );
         for (key, name) in names {
             let f = &l["latency_us"][key];
             let vs = match key {
                 "pypool" => "—".to_owned(),
-                other => fmt_ratio(&l["pypool_mean_over"][other]),
+                other => bench::fmt_ratio(&l["pypool_mean_over"][other]),
             };
             println!(
                 "| {name} | {} | {} | {} | {vs} |",
-                fmt(&f["mean"]),
-                fmt(&f["p50"]),
-                fmt(&f["p99"])
+                bench::fmt_figure(&f["mean"]),
+                bench::fmt_figure(&f["p50"]),
+                bench::fmt_figure(&f["p99"])
             );
         }
     }

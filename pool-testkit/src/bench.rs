@@ -201,3 +201,48 @@ impl Drop for BlockingEcho {
         }
     }
 }
+
+/// The contenders of a latency run, in the order of [`latency_summary`]'s figures: the raw echo
+/// driven with blocking I/O, the raw echo driven by tokio, and the pool.
+pub const LATENCY_CONTENDERS: [&str; 3] = ["raw_blocking", "raw_tokio", "pypool"];
+
+/// A latency run's JSON: per contender ([`LATENCY_CONTENDERS`]), the [`figure`] of its mean,
+/// p50 and p99 over the repeats and every repeat's, plus `floor` (the faster raw echo of each
+/// repeat); and the pool's mean over each raw echo's and over the floor, repeat by repeat.
+/// `figures[c]` holds contender `c`'s `[mean, p50, p99]` per repeat.
+pub fn latency_summary(figures: &[Vec<[f64; 3]>]) -> (Value, Value) {
+    let mut out = serde_json::Map::new();
+    for (f, name) in figures.iter().zip(LATENCY_CONTENDERS) {
+        let pick = |i: usize| f.iter().map(|x| x[i]).collect::<Vec<f64>>();
+        out.insert(
+            name.to_owned(),
+            json!({
+                "mean": figure(&pick(0)),
+                "p50": figure(&pick(1)),
+                "p99": figure(&pick(2)),
+                "runs": f.iter().map(|x| json!({"mean": x[0], "p50": x[1], "p99": x[2]})).collect::<Vec<_>>(),
+            }),
+        );
+    }
+    let means = |c: usize| -> Vec<f64> {
+        figures
+            .get(c)
+            .map_or_else(Vec::new, |f| f.iter().map(|x| x[0]).collect())
+    };
+    let (blocking, tokio, pool) = (means(0), means(1), means(2));
+    let over = |base: &[f64]| -> Value {
+        let r: Vec<f64> = pool.iter().zip(base).map(|(p, b)| p / b).collect();
+        figure(&r)
+    };
+    // The floor of each repeat: the faster of the two raw echoes (unpinned, either can land in
+    // the slow mode of a cross-CPU wake-up for a whole repeat).
+    let floor: Vec<f64> = blocking
+        .iter()
+        .zip(&tokio)
+        .map(|(a, b)| a.min(*b))
+        .collect();
+    out.insert("floor".to_owned(), json!({"mean": figure(&floor)}));
+    let ratios =
+        json!({"raw_blocking": over(&blocking), "raw_tokio": over(&tokio), "floor": over(&floor)});
+    (Value::Object(out), ratios)
+}

@@ -195,7 +195,7 @@ impl TokioEcho {
     }
 }
 
-const CONTENDERS: [&str; 3] = ["raw_blocking", "raw_tokio", "pypool"];
+const CONTENDERS: [&str; 3] = bench::LATENCY_CONTENDERS;
 
 async fn measure_latency(
     o: &Options,
@@ -239,48 +239,14 @@ async fn measure_latency(
     tokio_echo.close().await;
     pool.shutdown(Duration::from_secs(5)).await;
 
-    let mut out = serde_json::Map::new();
-    for (which, name) in CONTENDERS.iter().enumerate() {
-        let f = &figures[which];
-        let pick = |i: usize| f.iter().map(|x| x[i]).collect::<Vec<f64>>();
-        out.insert(
-            (*name).to_owned(),
-            json!({
-                "mean": bench::figure(&pick(0)),
-                "p50": bench::figure(&pick(1)),
-                "p99": bench::figure(&pick(2)),
-                "runs": f.iter().map(|x| json!({"mean": x[0], "p50": x[1], "p99": x[2]})).collect::<Vec<_>>(),
-            }),
-        );
-    }
-    let ratio = |base: usize| {
-        let r: Vec<f64> = figures[2]
-            .iter()
-            .zip(&figures[base])
-            .map(|(p, b)| p[0] / b[0])
-            .collect();
-        bench::figure(&r)
-    };
-    // The floor of each repeat: the faster of the two raw echoes (unpinned, either can land in
-    // the slow mode of a cross-CPU wake-up for a whole repeat).
-    let floor: Vec<f64> = figures[0]
-        .iter()
-        .zip(&figures[1])
-        .map(|(a, b)| a[0].min(b[0]))
-        .collect();
-    let floor_ratio: Vec<f64> = figures[2]
-        .iter()
-        .zip(&floor)
-        .map(|(p, f)| p[0] / f)
-        .collect();
-    out.insert("floor".to_owned(), json!({"mean": bench::figure(&floor)}));
+    let (latency_us, pypool_mean_over) = bench::latency_summary(&figures);
     Ok(json!({
         "frame_bytes": frame.len(),
         "round_trips_per_repeat": o.round_trips,
         "block": o.block,
         "warm_up": WARM_UP,
-        "latency_us": out,
-        "pypool_mean_over": {"raw_blocking": ratio(0), "raw_tokio": ratio(1), "floor": bench::figure(&floor_ratio)},
+        "latency_us": latency_us,
+        "pypool_mean_over": pypool_mean_over,
     }))
 }
 

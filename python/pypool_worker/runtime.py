@@ -904,10 +904,12 @@ class Worker:
                 self._run_inline(call, args)
                 # A look costs a system call: after a call that took a while, or once every
                 # _LOCAL_LOOK_SECONDS through a run of quick ones (prefetch delivers many).
-                if local and clock() - looked >= _LOCAL_LOOK_SECONDS:
-                    looked = clock()
-                    if pending():
-                        self._read_pending()
+                if local:
+                    now = clock()
+                    if now - looked >= _LOCAL_LOOK_SECONDS:
+                        looked = now
+                        if pending():
+                            self._read_pending()
             else:
                 self._sync_sent += 1
                 self._sync_queue.put((call, args))

@@ -531,12 +531,9 @@ async fn run_chunk(
     } = chunk;
     let shape = CallShape::Batch { scalars };
     let sent = values.len();
-    let mut fatal = None;
-    let mut replies = Sent::Failed {
-        error: missing(&context),
-        left: 0,
-    };
-    if sent > 0 {
+    let (replies, fatal) = if sent == 0 {
+        (Sent::Nothing, None)
+    } else {
         let batch = Payload {
             value: Value::Array(values),
             attachments,
@@ -546,11 +543,11 @@ async fn run_chunk(
             .exchange(Caller::POOL, &context.command, batch, options, shape)
             .await
         {
-            Ok(answer) => replies = Sent::from_answer(&context, answer, sent),
-            Err(err) if ends_the_map(&err) => fatal = Some(err),
-            Err(error) => replies = Sent::Failed { error, left: sent },
+            Ok(answer) => (Sent::from_answer(&context, answer, sent), None),
+            Err(err) if ends_the_map(&err) => (Sent::Nothing, Some(err)),
+            Err(error) => (Sent::Failed { error, left: sent }, None),
         }
-    }
+    };
     ChunkDone {
         results: ChunkResults {
             start,
@@ -620,6 +617,8 @@ enum Sent {
     },
     /// The same error for each of the `left` items (the chunk's call failed as a whole).
     Failed { error: Error, left: usize },
+    /// No item was sent (all failed before), or the map ended with this chunk.
+    Nothing,
 }
 
 impl Sent {
@@ -699,6 +698,7 @@ impl Sent {
                 *left = left.checked_sub(1)?;
                 Some(Err(error.clone()))
             }
+            Sent::Nothing => None,
         }
     }
 }

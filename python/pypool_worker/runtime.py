@@ -74,6 +74,21 @@ _THIS_FILE = __file__
 _PLAIN_RESULTS = frozenset((type(None), bool, int, float, str, bytes, list, dict, tuple))
 
 
+class _Stream:
+    """A generator that a handler returned on the reader, handed to the sync thread to run (in
+    the place of the call's arguments): a stream waits for the pool's CREDIT, which only a free
+    reader can read."""
+
+    __slots__ = ("gen",)
+
+    def __init__(self, gen):
+        self.gen = gen
+
+
+# What the reader's _run_sync returns for a call it handed to the sync thread (which answers it).
+_HANDED_OFF = object()
+
+
 # ============================================================================================
 # Public API: @handler, Context, Cancelled
 
@@ -952,7 +967,7 @@ class Worker:
             handler_.slow_once = False
         if pending is None:
             self._calls.pop(call.id, None)
-        else:
+        elif pending is not _HANDED_OFF:
             call.handler.inline = False  # it hands work to the loop: not a fast handler
             self._finish_on_loop(call, pending)
 
@@ -1087,10 +1102,12 @@ class Worker:
             self._sync_done += 1
 
     def _run_sync(self, call, args):
-        """Run a sync handler and reply. Returns an awaitable for the loop to finish if the
-        handler returned one, else None (already answered)."""
+        """Run a sync handler and reply. Returns what ``_answer_with`` does."""
         if call.cancelled:  # cancelled while queued behind another sync call
             self._send_cancelled(call)
+            return None
+        if type(args) is _Stream:
+            self._stream_sync(call, args.gen)
             return None
         if call.batch is not None:
             self._run_batch_sync(call, args)
@@ -1116,7 +1133,21 @@ class Worker:
         if type(value) in _PLAIN_RESULTS:
             self._send_result(call, value)
             return None
+        return self._answer_with(call, value)
+
+    def _answer_with(self, call, value):
+        """Answer a sync call whose handler returned ``value``: its result, or the stream it
+        produces. Returns None once answered, an awaitable for the loop to finish (the caller
+        hands it over), or _HANDED_OFF for a stream the sync thread now runs."""
         if isinstance(value, types.GeneratorType):
+            if get_ident() == self._reader_ident:
+                # A plain function that returned a generator: its stream must not wait for
+                # credit on the reader (which alone can read it), so it runs on the sync thread,
+                # and so do the handler's later calls.
+                call.handler.inline = False
+                self._sync_sent += 1
+                self._sync_queue.put((call, _Stream(value)))
+                return _HANDED_OFF
             self._stream_sync(call, value)
             return None
         if isinstance(value, (Awaitable, types.AsyncGeneratorType)):

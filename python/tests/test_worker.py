@@ -263,7 +263,7 @@ class ConcurrencyAndCancelTest(unittest.TestCase):
         self.assertEqual(self.w.ok(3, "echo", [3]), 3)
 
     def test_streams_wait_for_credit(self):
-        for call_id, command in ((1, "stream"), (2, "astream")):
+        for call_id, command in ((1, "stream"), (2, "astream"), (3, "stream_made_elsewhere")):
             with self.subTest(command=command):
                 self.w.call(call_id, command, [5], window=2)
                 first = [self.w.recv() for _ in range(2)]

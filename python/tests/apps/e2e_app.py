@@ -79,6 +79,12 @@ def stream(n):
 
 
 @handler
+def stream_made_elsewhere(n):
+    """Not a generator function, but it returns a generator: a stream all the same."""
+    return (i for i in range(n))
+
+
+@handler
 async def astream(n):
     for i in range(n):
         await asyncio.sleep(0)

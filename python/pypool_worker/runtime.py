@@ -805,6 +805,8 @@ class Worker:
         recv = self.channel.recv
         dispatch = self._dispatch
         pending = self._pending_after_read
+        local = self._local
+        call_direct = self._call_direct
         try:
             while True:
                 try:
@@ -813,13 +815,14 @@ class Worker:
                     msg = exc
                 if msg is None:
                     _take_down_group("channel closed, exiting")
-                if type(msg) is dict:
-                    dispatch(msg)
-                else:
-                    self._reject_call(msg.header, str(msg))
                 # Everything readable now is read first (a CANCEL for a call behind may be in
                 # it); then the calls run, and their replies go out together.
-                if not pending():
+                more = pending()
+                if type(msg) is not dict:
+                    self._reject_call(msg.header, str(msg))
+                elif more or local or msg["type"] != "call" or not call_direct(msg):
+                    dispatch(msg)
+                if not more:
                     self._run_local()
         except ProtocolError as exc:
             _exit(EXIT_PROTOCOL, "protocol error: %s" % exc)
@@ -902,6 +905,87 @@ class Worker:
             self._local.append((call, args))
 
     # ---- sync calls on the reader (the fast path) ----------------------------------------
+
+    def _call_direct(self, msg):
+        """Run a call that came alone (nothing read is waiting, nothing else is readable) from
+        its message to its reply in one go: the strict call-and-reply exchange, where the
+        general path's queue, call record and outbox are pure cost.
+
+        Only for what the general path would run on the reader just the same: a sync handler
+        allowed there, without ``ctx``, session or batch, with the sync thread idle. Anything
+        else, and any field the general path would refuse, returns False having done nothing,
+        and the general path takes the message. A handler that returns a stream or an awaitable
+        gets its call record then and continues as on the general path.
+        """
+        get = msg.get
+        handler_ = self.handlers.get(get("command"))
+        if (handler_ is None or not handler_.inline or handler_.wants_ctx
+                or not self._inline_ok or self._sync_sent != self._sync_done
+                or get("session") is not None or get("batch")):
+            return False
+        call_id = get("id")
+        timeout_ms = get("timeout_ms")
+        window = get("window")
+        if (type(call_id) is not int or call_id < 0 or call_id in self._calls
+                or (timeout_ms is not None and (type(timeout_ms) is not int or timeout_ms < 0))
+                or (window is not None and (type(window) is not int or window < 1))):
+            return False
+        args = get("args")
+        fn = handler_.fn
+        clock = time.perf_counter
+        started = clock()
+        try:
+            kind = type(args)
+            if kind is dict:
+                value = fn(**args)
+            elif kind is list:
+                value = fn(*args)
+            elif args is None:
+                value = fn()
+            else:
+                value = fn(args)
+            failed = None
+        except BaseException as exc:
+            failed = exc
+        took = clock() - started
+        if took > INLINE_BUDGET_SECONDS:  # as in _run_inline
+            if handler_.slow_once:
+                handler_.inline = False
+            handler_.slow_once = True
+        else:
+            handler_.slow_once = False
+        parts = None
+        if failed is None and type(value) in _PLAIN_RESULTS:
+            try:
+                parts = self._encode_result(call_id, value)
+            except Exception:
+                pass  # the general path reports it as the call's error
+        if parts is None:
+            deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000.0
+            call = _Call(call_id, handler_, None, None, deadline, window)
+            self._calls[call_id] = call
+            try:
+                if failed is not None:
+                    self._fail(call, failed)
+                    after = None
+                else:
+                    after = self._answer_with(call, value)
+            except Exception as exc:  # a runtime bug must not leave the caller waiting forever
+                log("internal error in call %d: %r" % (call_id, exc))
+                after = None
+                self._send_error(call, exc)
+            if after is None:
+                self._calls.pop(call_id, None)
+            elif after is not _HANDED_OFF:
+                handler_.inline = False  # it hands work to the loop: not a fast handler
+                self._finish_on_loop(call, after)
+            self._flush()
+        elif self._outbox:
+            self._outbox.append(parts)
+            self._flush()
+        else:
+            self.channel.write(parts)
+        return True
 
     def _run_local(self):
         """Run the sync calls read so far, in arrival order: on this (the reader) thread when

@@ -217,15 +217,19 @@ def encode_result(call_id, value, codec=JSON, max_frame=DEFAULT_MAX_FRAME):
     if codec != JSON:
         return encode_frame({"type": "result", "id": call_id, "ok": value}, codec, max_frame)
     scalar = _JSON_SCALAR.get(type(value))
+    if scalar is not None:  # nothing to move to attachments: the whole frame is one buffer
+        head = ('{"type":"result","id":%d,"ok":%s}' % (call_id, scalar(value))).encode()
+        size = 5 + len(head)
+        if size > max_frame:
+            raise FrameTooLarge("result message of %d bytes exceeds max_frame %d"
+                                % (size, max_frame))
+        return [_FRAME_PREFIX.pack(size, 0x4A, len(head)) + head]
     atts = []
-    if scalar is not None:
-        text = scalar(value)
-    else:
-        _encoding.atts = atts
-        try:
-            text = _encode_json(value)
-        finally:
-            _encoding.atts = None
+    _encoding.atts = atts
+    try:
+        text = _encode_json(value)
+    finally:
+        _encoding.atts = None
     if atts:
         head = '{"type":"result","id":%d,"ok":%s,"att":[%s]}' % (
             call_id, text, ",".join([str(_nbytes(a)) for a in atts]))
@@ -280,13 +284,27 @@ def _resolve_placeholders(value, atts):
 _scan_json = json.decoder.JSONDecoder().scan_once
 
 
+_unpack_body_prefix = _BODY_PREFIX.unpack_from
+
+
 def decode_body(body):
     """Decode one frame body into its header dict, attachments already substituted as bytes."""
     size = len(body)
     if size < 5:
         raise ProtocolError("frame body of %d bytes is shorter than its 5-byte prefix" % size)
-    codec_byte, header_len = _BODY_PREFIX.unpack_from(body)
+    codec_byte, header_len = _unpack_body_prefix(body)
     header_end = 5 + header_len
+    if codec_byte == 0x4A and header_end == size:
+        # The usual message: a JSON header and no attachments. The checks below, in short.
+        try:
+            text = body[5:].decode("utf-8")
+            header, end = _scan_json(text, 0)
+        except Exception:
+            pass  # the general path below gives the error
+        else:
+            if (end == len(text) and type(header) is dict and type(header.get("type")) is str
+                    and "att" not in header and ATT_KEY not in text):
+                return header
     if header_end > size:
         raise ProtocolError("header length %d exceeds the %d-byte body" % (header_len, size))
     codec = _BYTE_CODEC.get(codec_byte)
@@ -464,6 +482,14 @@ def write_all(writev, parts):
 
     Handles partial writes and IOV_MAX without joining the buffers into one copy.
     """
+    if len(parts) == 1 and type(parts[0]) is bytes:  # a message without attachments
+        size = len(parts[0])
+        skip = writev(parts)
+        if skip == size:
+            return
+        if skip <= 0:
+            raise BrokenPipeError("the channel accepted no bytes")
+        return write_all(writev, [memoryview(parts[0])[skip:]])
     skip = 0
     if len(parts) <= _IOV_MAX:
         # The usual case: one call writes everything, and nothing needs a memoryview.

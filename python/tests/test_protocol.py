@@ -158,6 +158,13 @@ class DecodeErrorsTest(unittest.TestCase):
         self.assertBad(body(0x4A, b'{"type":"call","args":{"__pypool_att__":1},"att":[1]}', b"a"))
         self.assertBad(body(0x4A, b'{"type":"call","args":[{"__pypool_att__":0}]}'))
 
+    def test_header_not_utf8(self):
+        self.assertBad(body(0x4A, b'{"type":"\xff"}'))
+
+    def test_whitespace_around_the_header_is_json_still(self):
+        self.assertEqual(protocol.decode_body(body(0x4A, b' {"type": "ping", "id": 1}\n')),
+                         {"type": "ping", "id": 1})
+
     def test_map_with_more_keys_is_not_a_placeholder(self):
         header = b'{"type":"call","args":{"__pypool_att__":0,"x":1}}'
         self.assertEqual(protocol.decode_body(body(0x4A, header))["args"],
@@ -277,6 +284,19 @@ class FramingTest(unittest.TestCase):
 
         protocol.write_all(writev, [b"ab", b"", b"cdef", bytearray(b"g")])
         self.assertEqual(bytes(out), b"abcdefg")
+
+    def test_write_all_finishes_one_buffer_written_in_parts(self):
+        out = bytearray()
+
+        def writev(bufs):
+            self.assertEqual(len(bufs), 1)
+            out.extend(bytes(bufs[0][:3]))
+            return min(3, len(bufs[0]))
+
+        protocol.write_all(writev, [b"abcdefgh"])
+        self.assertEqual(bytes(out), b"abcdefgh")
+        with self.assertRaises(BrokenPipeError):
+            protocol.write_all(lambda bufs: 0, [b"abc"])
 
     def test_write_all_survives_partial_writes(self):
         out = bytearray()

@@ -34,10 +34,11 @@ pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant bounds")
 }
 
-/// A length-prefixed frame as large as the pool's CALL of [`noop_args`], for the raw floor.
-pub fn call_sized_frame() -> Vec<u8> {
-    let call = Message::Call {
-        id: 1_000_000,
+/// The CALL the pool sends for the no-op call every bench times (`echo` of [`noop_args`], the
+/// default call timeout and stream window), with request id `id`.
+pub fn noop_call(id: u64) -> Message {
+    Message::Call {
+        id,
         command: "echo".into(),
         args: noop_args(),
         session: None,
@@ -45,12 +46,21 @@ pub fn call_sized_frame() -> Vec<u8> {
         window: Some(16),
         batch: false,
         scalars: false,
-    };
-    // Encoding a constant message cannot fail.
-    let body = encode(&call, Codec::Json, &[]).expect("constant message encodes");
-    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
-    frame.extend_from_slice(&body);
+    }
+}
+
+/// `body` as a length-prefixed frame, in one buffer.
+pub fn framed(body: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(body);
     frame
+}
+
+/// A length-prefixed frame as large as the pool's CALL of [`noop_args`], for the raw floor.
+pub fn call_sized_frame() -> Vec<u8> {
+    // Encoding a constant message cannot fail.
+    framed(&encode(&noop_call(1_000_000), Codec::Json, &[]).expect("constant message encodes"))
 }
 
 /// The CPUs this process may run on (`taskset` sets it for the whole tree).
@@ -203,19 +213,21 @@ impl Drop for BlockingEcho {
 }
 
 /// The contenders of a latency run, in the order of [`latency_summary`]'s figures: the raw echo
-/// driven with blocking I/O, the raw echo driven by tokio, and the pool.
+/// driven with blocking I/O, the raw echo driven by tokio, and the pool. A bench may put more
+/// contenders between the raw echoes and the pool.
 pub const LATENCY_CONTENDERS: [&str; 3] = ["raw_blocking", "raw_tokio", "pypool"];
 
-/// A latency run's JSON: per contender ([`LATENCY_CONTENDERS`]), the [`figure`] of its mean,
-/// p50 and p99 over the repeats and every repeat's, plus `floor` (the faster raw echo of each
-/// repeat); and the pool's mean over each raw echo's and over the floor, repeat by repeat.
-/// `figures[c]` holds contender `c`'s `[mean, p50, p99]` per repeat.
-pub fn latency_summary(figures: &[Vec<[f64; 3]>]) -> (Value, Value) {
+/// A latency run's JSON: per contender (`names`: the two raw echoes of [`LATENCY_CONTENDERS`]
+/// first, the pool last), the [`figure`] of its mean, p50 and p99 over the repeats and every
+/// repeat's, plus `floor` (the faster raw echo of each repeat); and the pool's mean over every
+/// other contender's and over the floor, repeat by repeat. `figures[c]` holds contender `c`'s
+/// `[mean, p50, p99]` per repeat.
+pub fn latency_summary(names: &[&str], figures: &[Vec<[f64; 3]>]) -> (Value, Value) {
     let mut out = serde_json::Map::new();
-    for (f, name) in figures.iter().zip(LATENCY_CONTENDERS) {
+    for (f, name) in figures.iter().zip(names) {
         let pick = |i: usize| f.iter().map(|x| x[i]).collect::<Vec<f64>>();
         out.insert(
-            name.to_owned(),
+            (*name).to_owned(),
             json!({
                 "mean": figure(&pick(0)),
                 "p50": figure(&pick(1)),
@@ -229,20 +241,23 @@ pub fn latency_summary(figures: &[Vec<[f64; 3]>]) -> (Value, Value) {
             .get(c)
             .map_or_else(Vec::new, |f| f.iter().map(|x| x[0]).collect())
     };
-    let (blocking, tokio, pool) = (means(0), means(1), means(2));
+    let pool = means(names.len().saturating_sub(1));
     let over = |base: &[f64]| -> Value {
         let r: Vec<f64> = pool.iter().zip(base).map(|(p, b)| p / b).collect();
         figure(&r)
     };
     // The floor of each repeat: the faster of the two raw echoes (unpinned, either can land in
     // the slow mode of a cross-CPU wake-up for a whole repeat).
-    let floor: Vec<f64> = blocking
+    let floor: Vec<f64> = means(0)
         .iter()
-        .zip(&tokio)
+        .zip(&means(1))
         .map(|(a, b)| a.min(*b))
         .collect();
     out.insert("floor".to_owned(), json!({"mean": figure(&floor)}));
-    let ratios =
-        json!({"raw_blocking": over(&blocking), "raw_tokio": over(&tokio), "floor": over(&floor)});
-    (Value::Object(out), ratios)
+    let mut ratios = serde_json::Map::new();
+    for (c, name) in names.iter().enumerate().take(names.len().saturating_sub(1)) {
+        ratios.insert((*name).to_owned(), over(&means(c)));
+    }
+    ratios.insert("floor".to_owned(), over(&floor));
+    (Value::Object(out), Value::Object(ratios))
 }

@@ -220,7 +220,7 @@ async fn measure_latency(
     drop(blocking);
     tokio_echo.close();
 
-    let (latency_us, pypool_mean_over) = bench::latency_summary(&figures);
+    let (latency_us, pypool_mean_over) = bench::latency_summary(&CONTENDERS, &figures);
     Ok(json!({
         "frame_bytes": frame.len(),
         "round_trips_per_repeat": o.round_trips,

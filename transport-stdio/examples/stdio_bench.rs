@@ -5,7 +5,10 @@
 //!    pool, no protocol). The Python side of the echo is the least a process can do per frame:
 //!    `os.read` what arrived, find the frame by its length, `os.write` it back. The Rust side is
 //!    measured twice: blocking `std` I/O from a dedicated thread (the floor) and tokio pipes
-//!    from a runtime task (what an async service has to work with). All three stay set up for
+//!    from a runtime task (what an async service has to work with). A third echo does what
+//!    the wire protocol itself requires and nothing more (the CALL's JSON header decoded, the
+//!    handler it names called, the RESULT encoded, on both sides), driven by tokio: the floor
+//!    of any pool that speaks this protocol over async pipes. All four stay set up for
 //!    the whole run and take turns in blocks of `--block` round trips, in a rotating order,
 //!    after the same warm-up, so that each sees the same machine; each repeat gives every
 //!    contender the same number of round trips.
@@ -29,6 +32,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pool_core::protocol::{decode, encode, Codec, Message};
 use pool_core::{Pool, PoolConfig, WorkerSpec};
 use pool_testkit::bench;
 use serde_json::{json, Value};
@@ -57,6 +61,49 @@ def serve(read=os.read, write=os.write):  # locals, not globals: the least work 
             out = memoryview(buf)[:end]
             while out:
                 out = out[write(1, out):]
+            buf = buf[end:]
+
+serve()
+"#;
+
+/// The protocol's own floor: what any worker speaking pypool's wire format must do per call,
+/// and nothing more. It decodes each CALL's JSON header with the C scanner, calls the handler
+/// it names with the call's arguments, encodes the RESULT header with a C encoder built once
+/// (as the runtime does), and writes every reply of a read at once.
+const PROTOCOL_ECHO_SCRIPT: &str = r#"
+import json.decoder, json.encoder, os, struct
+
+def echo(value):
+    return value
+
+def serve(read=os.read, write=os.write):
+    scan = json.decoder.JSONDecoder().scan_once
+    encode = json.encoder.c_make_encoder(
+        None, None, json.encoder.encode_basestring, None, ":", ",", False, False, False)
+    prefix = struct.Struct(">IBI").pack
+    handlers = {"echo": echo}
+    buf = b""
+    while True:
+        data = read(0, 65536)
+        if not data:
+            return
+        buf = buf + data if buf else data
+        out = []
+        end, size = 0, len(buf)
+        while size - end >= 4:
+            n = int.from_bytes(buf[end:end + 4], "big")
+            if size - end - 4 < n:
+                break
+            call = scan(buf[end + 9:end + 4 + n].decode(), 0)[0]
+            value = handlers[call["command"]](**call["args"])
+            head = ('{"type":"result","id":%d,"ok":%s}'
+                    % (call["id"], "".join(encode(value, 0)))).encode()
+            out.append(prefix(len(head) + 5, 0x4A, len(head)) + head)
+            end += 4 + n
+        if end:
+            data = b"".join(out)
+            while data:
+                data = data[write(1, data):]
             buf = buf[end:]
 
 serve()
@@ -195,7 +242,84 @@ impl TokioEcho {
     }
 }
 
-const CONTENDERS: [&str; 3] = bench::LATENCY_CONTENDERS;
+/// The raw echoes, the protocol echo, then the pool (see [`bench::latency_summary`]).
+const CONTENDERS: [&str; 4] = ["raw_blocking", "raw_tokio", "protocol_tokio", "pypool"];
+
+/// The protocol's floor ([`PROTOCOL_ECHO_SCRIPT`]) driven by a tokio task that encodes each
+/// CALL and decodes each RESULT with pool-core's codec, as the pool does, and checks the value.
+struct ProtocolEcho {
+    io: Option<(
+        tokio::process::ChildStdin,
+        BufReader<tokio::process::ChildStdout>,
+    )>,
+    child: tokio::process::Child,
+    next_id: u64,
+}
+
+impl ProtocolEcho {
+    fn start(python: &std::path::Path) -> std::io::Result<ProtocolEcho> {
+        let mut child = Command::new(python)
+            .args(["-c", PROTOCOL_ECHO_SCRIPT])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdin = child
+            .stdin
+            .take()
+            .ok_or(std::io::Error::other("no stdin"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or(std::io::Error::other("no stdout"))?;
+        Ok(ProtocolEcho {
+            io: Some((stdin, BufReader::new(stdout))),
+            child,
+            next_id: 1,
+        })
+    }
+
+    async fn block(&mut self, rounds: usize) -> std::io::Result<Vec<Duration>> {
+        let (mut stdin, mut stdout) = self.io.take().ok_or(std::io::Error::other("closed"))?;
+        let first = self.next_id;
+        self.next_id += rounds as u64;
+        let (io, times) = tokio::spawn(async move {
+            let mut times = Vec::with_capacity(rounds);
+            for id in first..first + rounds as u64 {
+                let t = Instant::now();
+                let body = encode(&bench::noop_call(id), Codec::Json, &[])
+                    .map_err(std::io::Error::other)?;
+                stdin.write_all(&bench::framed(&body)).await?;
+                let len = stdout.read_u32().await? as usize;
+                let mut back = vec![0u8; len];
+                stdout.read_exact(&mut back).await?;
+                match decode(back.into()).map_err(std::io::Error::other)?.0 {
+                    Message::Result {
+                        id: got,
+                        ok: Some(value),
+                        ..
+                    } if got == id && value == bench::noop_args()["value"] => {}
+                    other => {
+                        return Err(std::io::Error::other(format!(
+                            "the protocol echo answered {other:?}"
+                        )))
+                    }
+                }
+                times.push(t.elapsed());
+            }
+            Ok::<_, std::io::Error>(((stdin, stdout), times))
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        self.io = Some(io);
+        Ok(times)
+    }
+
+    async fn close(mut self) {
+        self.io = None;
+        let _ = self.child.wait().await;
+    }
+}
 
 async fn measure_latency(
     o: &Options,
@@ -207,9 +331,11 @@ async fn measure_latency(
     let pool = Pool::start(PoolConfig::new(app).size(1), launcher).await?;
     let blocking = start_blocking_echo(python, frame.clone())?;
     let mut tokio_echo = TokioEcho::start(python, frame.clone())?;
+    let mut protocol_echo = ProtocolEcho::start(python)?;
 
     blocking.block(WARM_UP)?;
     tokio_echo.block(WARM_UP).await?;
+    protocol_echo.block(WARM_UP).await?;
     bench::time_pool_block(&pool, WARM_UP).await?;
 
     let blocks = o.round_trips.div_ceil(o.block);
@@ -225,6 +351,7 @@ async fn measure_latency(
                 let times = match which {
                     0 => blocking.block(rounds)?,
                     1 => tokio_echo.block(rounds).await?,
+                    2 => protocol_echo.block(rounds).await?,
                     _ => bench::time_pool_block(&pool, rounds).await?,
                 };
                 samples[which].extend(times);
@@ -237,9 +364,10 @@ async fn measure_latency(
     }
     drop(blocking);
     tokio_echo.close().await;
+    protocol_echo.close().await;
     pool.shutdown(Duration::from_secs(5)).await;
 
-    let (latency_us, pypool_mean_over) = bench::latency_summary(&figures);
+    let (latency_us, pypool_mean_over) = bench::latency_summary(&CONTENDERS, &figures);
     Ok(json!({
         "frame_bytes": frame.len(),
         "round_trips_per_repeat": o.round_trips,
@@ -383,6 +511,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let names = [
             ("raw_blocking", "raw pipe echo, blocking Rust I/O"),
             ("raw_tokio", "raw pipe echo, tokio pipes"),
+            (
+                "protocol_tokio",
+                "protocol echo (CALL decoded, handler called, RESULT encoded), tokio pipes",
+            ),
             ("pypool", "pypool no-op call (stdio)"),
         ];
         let floor = &l["latency_us"]["floor"]["mean"];

@@ -37,17 +37,21 @@ const WRITE_BATCH: usize = 256;
 const REPLY_SLACK: usize = 2;
 
 /// What a pending call receives from the reader.
+///
+/// Two words, with the contents boxed: every call's reply channel allocates a block of 32
+/// replies up front, which at the contents' size (96 bytes) took the allocator's slow path on
+/// every call.
 #[derive(Debug)]
 pub(crate) enum Reply {
-    Chunk(Payload),
+    Chunk(Box<Payload>),
     End,
-    Result(Result<Payload, RemoteError>),
+    Result(Box<Result<Payload, RemoteError>>),
     /// The result of a batch call in which some items failed: the list of values (`null` where
     /// an item failed) and the failures.
-    Items(Payload, Vec<ItemError>),
+    Items(Box<(Payload, Vec<ItemError>)>),
     Cancelled,
     /// The worker went away before the call finished.
-    Dead(Death),
+    Dead(Box<Death>),
 }
 
 /// How a worker went away, as its pending calls learn it.
@@ -571,7 +575,7 @@ impl Reader {
         on_exit(report);
         for (_, tx) in pending {
             // A full channel holds the call's final reply already; nothing is lost.
-            let _ = tx.try_send(Reply::Dead(death.clone()));
+            let _ = tx.try_send(Reply::Dead(Box::new(death.clone())));
         }
     }
 
@@ -591,7 +595,7 @@ impl Reader {
                     ),
                     traceback: None,
                 };
-                if self.route(id, Reply::Result(Err(error))) {
+                if self.route(id, Reply::Result(Box::new(Err(error)))) {
                     // The handler may still be producing: stop it.
                     if let Ok(body) = protocol::encode(&Message::Cancel { id }, self.codec, &[]) {
                         let _ = self.outbox.send(Outgoing::Frame(body));
@@ -613,14 +617,14 @@ impl Reader {
                     attachments,
                 };
                 let reply = match error {
-                    Some(error) => Reply::Result(Err(error)),
-                    None if errors.is_empty() => Reply::Result(Ok(value)),
-                    None => Reply::Items(value, errors),
+                    Some(error) => Reply::Result(Box::new(Err(error))),
+                    None if errors.is_empty() => Reply::Result(Box::new(Ok(value))),
+                    None => Reply::Items(Box::new((value, errors))),
                 };
                 self.route_checked(id, reply)?;
             }
             Message::Chunk { id, value, .. } => {
-                self.route_checked(id, Reply::Chunk(Payload { value, attachments }))?
+                self.route_checked(id, Reply::Chunk(Box::new(Payload { value, attachments })))?
             }
             Message::End { id } => self.route_checked(id, Reply::End)?,
             Message::Cancelled { id } => self.route_checked(id, Reply::Cancelled)?,

@@ -168,11 +168,14 @@ impl InFlight {
                 self.finish();
                 return match reply {
                     Some(Reply::End) if !batch => Ok(Answer::value(merge_chunks(chunks))),
-                    Some(Reply::Items(value, failed)) if batch => Ok(Answer {
-                        value,
-                        failed,
-                        worker: Some(worker),
-                    }),
+                    Some(Reply::Items(items)) if batch => {
+                        let (value, failed) = *items;
+                        Ok(Answer {
+                            value,
+                            failed,
+                            worker: Some(worker),
+                        })
+                    }
                     Some(other) => {
                         reply_error(other, context, &worker, shared.as_deref()).map(|value| {
                             Answer {
@@ -186,6 +189,7 @@ impl InFlight {
                 };
             }
             if let Some(Reply::Chunk(chunk)) = reply {
+                let chunk = *chunk;
                 if batch {
                     return Err(Error::Protocol {
                         context: context.clone(),
@@ -270,15 +274,17 @@ pub(super) fn reply_error(
     shared: Option<&Shared>,
 ) -> Result<Payload, Error> {
     match reply {
-        Reply::Result(Ok(payload)) => Ok(payload),
-        Reply::Result(Err(error)) => Err(Error::Handler {
-            context: context.clone(),
-            worker: worker.to_owned(),
-            error: Box::new(error),
-        }),
+        Reply::Result(result) => match *result {
+            Ok(payload) => Ok(payload),
+            Err(error) => Err(Error::Handler {
+                context: context.clone(),
+                worker: worker.to_owned(),
+                error: Box::new(error),
+            }),
+        },
         Reply::Dead(death) => Err(match shared {
-            Some(shared) => shared.death_error(context, death),
-            None => crashed(context, death),
+            Some(shared) => shared.death_error(context, *death),
+            None => crashed(context, *death),
         }),
         Reply::Cancelled => Err(Error::Protocol {
             context: context.clone(),
@@ -452,7 +458,7 @@ impl Stream for CallStream {
         match flight.poll_recv(cx) {
             Poll::Ready(Some(Reply::Chunk(chunk))) => {
                 flight.took_item();
-                Poll::Ready(Some(Ok(chunk)))
+                Poll::Ready(Some(Ok(*chunk)))
             }
             Poll::Ready(Some(Reply::End)) => {
                 this.end(Outcome::Ok);

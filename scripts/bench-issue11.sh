@@ -209,8 +209,6 @@ for title, r in (("stdio pinned", pinned), ("stdio unpinned", unpinned), ("ipc u
                                "encoded; no pool), tokio I/O",
              "pypool": "pypool no-op call"}
     for key, name in names.items():
-        if key not in r["latency"]["latency_us"]:
-            continue  # the protocol echo is measured over stdio only
         f = lat(r, key)
         vs = "—" if key == "pypool" else slower(r["latency"]["pypool_mean_over"][key])
         print(f"| {title}: {name} | {fig(f['mean'])} | {fig(f['p50'])} | {fig(f['p99'])} | {vs} |")

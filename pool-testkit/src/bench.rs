@@ -8,7 +8,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use pool_core::protocol::{encode, Codec, Message};
+use pool_core::protocol::{decode, encode, Codec, Message};
 use pool_core::Pool;
 use serde_json::{json, Value};
 
@@ -61,6 +61,92 @@ pub fn framed(body: &[u8]) -> Vec<u8> {
 pub fn call_sized_frame() -> Vec<u8> {
     // Encoding a constant message cannot fail.
     framed(&encode(&noop_call(1_000_000), Codec::Json, &[]).expect("constant message encodes"))
+}
+
+/// The body of a Python script that answers pypool CALLs doing what the wire format requires
+/// and nothing more: it decodes each CALL's JSON header with the C scanner, calls the handler
+/// it names with the call's arguments, encodes the RESULT header with a C encoder built once
+/// (as the runtime does), and writes every reply of a read at once. Append a line calling
+/// `serve(read, write)` with `read()` returning the bytes that arrived and `write(data)` the
+/// number of bytes written; [`protocol_round_trips`] drives it. It is the floor of any worker
+/// speaking this protocol, next to the raw echoes' floor of any worker at all.
+pub const PROTOCOL_ECHO_SERVE: &str = r#"
+import functools, json.decoder, json.encoder, os, socket, struct, sys
+
+def echo(value):
+    return value
+
+def serve(read, write):
+    scan = json.decoder.JSONDecoder().scan_once
+    encode = json.encoder.c_make_encoder(
+        None, None, json.encoder.encode_basestring, None, ":", ",", False, False, False)
+    prefix = struct.Struct(">IBI").pack
+    handlers = {"echo": echo}
+    buf = b""
+    while True:
+        data = read()
+        if not data:
+            return
+        buf = buf + data if buf else data
+        out = []
+        end, size = 0, len(buf)
+        while size - end >= 4:
+            n = int.from_bytes(buf[end:end + 4], "big")
+            if size - end - 4 < n:
+                break
+            call = scan(buf[end + 9:end + 4 + n].decode(), 0)[0]
+            value = handlers[call["command"]](**call["args"])
+            head = ('{"type":"result","id":%d,"ok":%s}'
+                    % (call["id"], "".join(encode(value, 0)))).encode()
+            out.append(prefix(len(head) + 5, 0x4A, len(head)) + head)
+            end += 4 + n
+        if end:
+            data = b"".join(out)
+            while data:
+                data = data[write(data):]
+            buf = buf[end:]
+
+"#;
+
+/// `rounds` sequential round trips with a [`PROTOCOL_ECHO_SERVE`] process: each encodes the
+/// no-op CALL (ids from `first_id`) and decodes the RESULT with pool-core's codec, as the pool
+/// does, and checks the value. Returns each round trip's time.
+pub async fn protocol_round_trips<R, W>(
+    reader: &mut tokio::io::BufReader<R>,
+    writer: &mut W,
+    first_id: u64,
+    rounds: usize,
+) -> std::io::Result<Vec<Duration>>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let expected = noop_args()["value"].clone();
+    let mut times = Vec::with_capacity(rounds);
+    for id in first_id..first_id + rounds as u64 {
+        let t = Instant::now();
+        let body = encode(&noop_call(id), Codec::Json, &[]).map_err(std::io::Error::other)?;
+        writer.write_all(&framed(&body)).await?;
+        let len = reader.read_u32().await? as usize;
+        let mut back = vec![0u8; len];
+        reader.read_exact(&mut back).await?;
+        match decode(back.into()).map_err(std::io::Error::other)?.0 {
+            Message::Result {
+                id: got,
+                ok: Some(value),
+                ..
+            } if got == id && value == expected => {}
+            other => {
+                return Err(std::io::Error::other(format!(
+                    "the protocol echo answered {other:?}"
+                )))
+            }
+        }
+        times.push(t.elapsed());
+    }
+    Ok(times)
 }
 
 /// The CPUs this process may run on (`taskset` sets it for the whole tree).

@@ -6,7 +6,9 @@
 //!    can do per frame: `recv` what arrived, find the frame by its length, `sendall` it back.
 //!    The Rust side is measured twice: blocking `std` I/O from a dedicated thread (the floor)
 //!    and a tokio `UnixStream` from a runtime task (what an async service has to work with).
-//!    All three stay set up for the whole run and take turns in blocks of `--block` round
+//!    A third echo does what the wire protocol itself requires and nothing more
+//!    ([`bench::PROTOCOL_ECHO_SERVE`], driven by tokio): the floor of any pool speaking it.
+//!    All four stay set up for the whole run and take turns in blocks of `--block` round
 //!    trips, in a rotating order, after the same warm-up, so that each sees the same machine;
 //!    each repeat gives every contender the same number of round trips.
 //! 2. **Large frames**: 64 MiB echoed through the pool, next to a raw socket copy of a 64 MiB
@@ -179,7 +181,64 @@ impl TokioEcho {
     }
 }
 
-const CONTENDERS: [&str; 3] = bench::LATENCY_CONTENDERS;
+/// The raw echoes, the protocol echo, then the pool (see [`bench::latency_summary`]).
+const CONTENDERS: [&str; 4] = ["raw_blocking", "raw_tokio", "protocol_tokio", "pypool"];
+
+/// The protocol's floor ([`bench::PROTOCOL_ECHO_SERVE`]) on a Unix socket, driven by a tokio
+/// task.
+struct ProtocolEcho {
+    io: Option<(
+        tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
+        tokio::net::unix::OwnedWriteHalf,
+    )>,
+    child: std::process::Child,
+    next_id: u64,
+}
+
+impl ProtocolEcho {
+    fn start(python: &Path, dir: &Path) -> std::io::Result<ProtocolEcho> {
+        let path = dir.join("protocol.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path)?;
+        let script = format!(
+            "{}sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+             sock.connect(sys.argv[1])\n\
+             serve(functools.partial(sock.recv, 65536), sock.send)\n",
+            bench::PROTOCOL_ECHO_SERVE
+        );
+        let child = std::process::Command::new(python)
+            .args(["-c", &script])
+            .arg(&path)
+            .stdin(Stdio::null())
+            .spawn()?;
+        let (sock, _) = listener.accept()?;
+        sock.set_nonblocking(true)?;
+        let (read, write) = tokio::net::UnixStream::from_std(sock)?.into_split();
+        Ok(ProtocolEcho {
+            io: Some((tokio::io::BufReader::new(read), write)),
+            child,
+            next_id: 1,
+        })
+    }
+
+    async fn block(&mut self, rounds: usize) -> std::io::Result<Vec<Duration>> {
+        let (mut read, mut write) = self.io.take().ok_or(std::io::Error::other("closed"))?;
+        let first = self.next_id;
+        self.next_id += rounds as u64;
+        let (io, times) = tokio::spawn(async move {
+            let times = bench::protocol_round_trips(&mut read, &mut write, first, rounds).await?;
+            Ok::<_, std::io::Error>(((read, write), times))
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        self.io = Some(io);
+        Ok(times)
+    }
+
+    fn close(mut self) {
+        self.io = None;
+        let _ = self.child.wait();
+    }
+}
 
 async fn measure_latency(
     o: &Options,
@@ -190,9 +249,11 @@ async fn measure_latency(
     let dir = tempfile::tempdir()?;
     let blocking = start_blocking_echo(python, dir.path(), frame.clone())?;
     let mut tokio_echo = TokioEcho::start(python, dir.path(), frame.clone())?;
+    let mut protocol_echo = ProtocolEcho::start(python, dir.path())?;
 
     blocking.block(WARM_UP)?;
     tokio_echo.block(WARM_UP).await?;
+    protocol_echo.block(WARM_UP).await?;
     bench::time_pool_block(pool, WARM_UP).await?;
 
     let blocks = o.round_trips.div_ceil(o.block);
@@ -207,6 +268,7 @@ async fn measure_latency(
                 let times = match which {
                     0 => blocking.block(rounds)?,
                     1 => tokio_echo.block(rounds).await?,
+                    2 => protocol_echo.block(rounds).await?,
                     _ => bench::time_pool_block(pool, rounds).await?,
                 };
                 samples[which].extend(times);
@@ -219,6 +281,7 @@ async fn measure_latency(
     }
     drop(blocking);
     tokio_echo.close();
+    protocol_echo.close();
 
     let (latency_us, pypool_mean_over) = bench::latency_summary(&CONTENDERS, &figures);
     Ok(json!({
@@ -325,6 +388,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let names = [
             ("raw_blocking", "raw Unix-socket echo, blocking Rust I/O"),
             ("raw_tokio", "raw Unix-socket echo, tokio UnixStream"),
+            (
+                "protocol_tokio",
+                "protocol echo (CALL decoded, handler called, RESULT encoded), tokio UnixStream",
+            ),
             ("pypool", "pypool no-op call (ipc)"),
         ];
         let floor = &l["latency_us"]["floor"]["mean"];

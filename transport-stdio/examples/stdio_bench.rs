@@ -32,7 +32,6 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pool_core::protocol::{decode, encode, Codec, Message};
 use pool_core::{Pool, PoolConfig, WorkerSpec};
 use pool_testkit::bench;
 use serde_json::{json, Value};
@@ -61,49 +60,6 @@ def serve(read=os.read, write=os.write):  # locals, not globals: the least work 
             out = memoryview(buf)[:end]
             while out:
                 out = out[write(1, out):]
-            buf = buf[end:]
-
-serve()
-"#;
-
-/// The protocol's own floor: what any worker speaking pypool's wire format must do per call,
-/// and nothing more. It decodes each CALL's JSON header with the C scanner, calls the handler
-/// it names with the call's arguments, encodes the RESULT header with a C encoder built once
-/// (as the runtime does), and writes every reply of a read at once.
-const PROTOCOL_ECHO_SCRIPT: &str = r#"
-import json.decoder, json.encoder, os, struct
-
-def echo(value):
-    return value
-
-def serve(read=os.read, write=os.write):
-    scan = json.decoder.JSONDecoder().scan_once
-    encode = json.encoder.c_make_encoder(
-        None, None, json.encoder.encode_basestring, None, ":", ",", False, False, False)
-    prefix = struct.Struct(">IBI").pack
-    handlers = {"echo": echo}
-    buf = b""
-    while True:
-        data = read(0, 65536)
-        if not data:
-            return
-        buf = buf + data if buf else data
-        out = []
-        end, size = 0, len(buf)
-        while size - end >= 4:
-            n = int.from_bytes(buf[end:end + 4], "big")
-            if size - end - 4 < n:
-                break
-            call = scan(buf[end + 9:end + 4 + n].decode(), 0)[0]
-            value = handlers[call["command"]](**call["args"])
-            head = ('{"type":"result","id":%d,"ok":%s}'
-                    % (call["id"], "".join(encode(value, 0)))).encode()
-            out.append(prefix(len(head) + 5, 0x4A, len(head)) + head)
-            end += 4 + n
-        if end:
-            data = b"".join(out)
-            while data:
-                data = data[write(1, data):]
             buf = buf[end:]
 
 serve()
@@ -245,8 +201,7 @@ impl TokioEcho {
 /// The raw echoes, the protocol echo, then the pool (see [`bench::latency_summary`]).
 const CONTENDERS: [&str; 4] = ["raw_blocking", "raw_tokio", "protocol_tokio", "pypool"];
 
-/// The protocol's floor ([`PROTOCOL_ECHO_SCRIPT`]) driven by a tokio task that encodes each
-/// CALL and decodes each RESULT with pool-core's codec, as the pool does, and checks the value.
+/// The protocol's floor ([`bench::PROTOCOL_ECHO_SERVE`]) on pipes, driven by a tokio task.
 struct ProtocolEcho {
     io: Option<(
         tokio::process::ChildStdin,
@@ -258,8 +213,12 @@ struct ProtocolEcho {
 
 impl ProtocolEcho {
     fn start(python: &std::path::Path) -> std::io::Result<ProtocolEcho> {
+        let script = format!(
+            "{}serve(functools.partial(os.read, 0, 65536), functools.partial(os.write, 1))\n",
+            bench::PROTOCOL_ECHO_SERVE
+        );
         let mut child = Command::new(python)
-            .args(["-c", PROTOCOL_ECHO_SCRIPT])
+            .args(["-c", &script])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -284,29 +243,7 @@ impl ProtocolEcho {
         let first = self.next_id;
         self.next_id += rounds as u64;
         let (io, times) = tokio::spawn(async move {
-            let mut times = Vec::with_capacity(rounds);
-            for id in first..first + rounds as u64 {
-                let t = Instant::now();
-                let body = encode(&bench::noop_call(id), Codec::Json, &[])
-                    .map_err(std::io::Error::other)?;
-                stdin.write_all(&bench::framed(&body)).await?;
-                let len = stdout.read_u32().await? as usize;
-                let mut back = vec![0u8; len];
-                stdout.read_exact(&mut back).await?;
-                match decode(back.into()).map_err(std::io::Error::other)?.0 {
-                    Message::Result {
-                        id: got,
-                        ok: Some(value),
-                        ..
-                    } if got == id && value == bench::noop_args()["value"] => {}
-                    other => {
-                        return Err(std::io::Error::other(format!(
-                            "the protocol echo answered {other:?}"
-                        )))
-                    }
-                }
-                times.push(t.elapsed());
-            }
+            let times = bench::protocol_round_trips(&mut stdout, &mut stdin, first, rounds).await?;
             Ok::<_, std::io::Error>(((stdin, stdout), times))
         })
         .await

@@ -32,6 +32,7 @@ DEFAULT_MAX_FRAME = 256 * 1024 * 1024
 ATT_KEY = "__pypool_att__"
 
 _LEN = struct.Struct(">I")
+_unpack_len = _LEN.unpack_from
 _BODY_PREFIX = struct.Struct(">BI")  # codec byte, header length
 _FRAME_PREFIX = struct.Struct(">IBI")  # frame length, codec byte, header length
 _ATT_KEY_BYTES = ATT_KEY.encode("ascii")
@@ -215,6 +216,13 @@ def encode_result(call_id, value, codec=JSON, max_frame=DEFAULT_MAX_FRAME):
     """``encode_frame`` of ``{"type": "result", "id": call_id, "ok": value}``, faster: a reply is
     sent for every call, and most values are small."""
     if codec != JSON:
+        if codec == MSGPACK and type(value) in _MSGPACK_PLAIN:  # nothing to check or move
+            head = _msgpack.packb({"type": "result", "id": call_id, "ok": value})
+            size = 5 + len(head)
+            if size > max_frame:
+                raise FrameTooLarge("result message of %d bytes exceeds max_frame %d"
+                                    % (size, max_frame))
+            return [_FRAME_PREFIX.pack(size, 0x4D, len(head)) + head]
         return encode_frame({"type": "result", "id": call_id, "ok": value}, codec, max_frame)
     scalar = _JSON_SCALAR.get(type(value))
     if scalar is not None:  # nothing to move to attachments: the whole frame is one buffer
@@ -304,6 +312,15 @@ def decode_body(body):
         else:
             if (end == len(text) and type(header) is dict and type(header.get("type")) is str
                     and "att" not in header and ATT_KEY not in text):
+                return header
+    elif codec_byte == 0x4D and header_end == size and _msgpack is not None:
+        try:
+            header = _msgpack.unpackb(body[5:], raw=False, strict_map_key=False)
+        except Exception:
+            pass  # the general path below gives the error
+        else:
+            if (type(header) is dict and type(header.get("type")) is str and "att" not in header
+                    and _ATT_KEY_BYTES not in body):
                 return header
     if header_end > size:
         raise ProtocolError("header length %d exceeds the %d-byte body" % (header_len, size))
@@ -449,6 +466,27 @@ class FrameReader:
 
     def read(self):
         """The next frame body, or None on a clean EOF; ProtocolError for a bad frame."""
+        start = self._start
+        end = self._end
+        if start == end:
+            # Nothing buffered, as between the calls of a call-and-reply exchange: read into the
+            # whole buffer, from its start.
+            n = self._readinto(self._view)
+            self._start = start = 0
+            self._end = end = n or 0
+            if not n:
+                return None
+            self.drained = n < len(self._buf)
+        if end - start >= 4:
+            (length,) = _unpack_len(self._buf, start)
+            stop = start + 4 + length
+            if stop <= end and 0 < length <= self.max_frame:  # a whole frame is buffered
+                self._start = stop
+                return self._buf[start + 4:stop]
+        return self._read_rest()
+
+    def _read_rest(self):
+        """``read`` of a frame that is not all buffered yet, or is bad."""
         if self._end - self._start < 4 and not self._fill(4):
             if self._end == self._start:
                 return None

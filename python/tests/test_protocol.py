@@ -123,6 +123,27 @@ class MsgpackCodecTest(unittest.TestCase):
             protocol.encode_frame({"type": "result", "id": 1, "ok": [float("inf")]},
                                   protocol.MSGPACK)
 
+    def test_results_of_plain_values_match_the_general_encoding(self):
+        for value in (None, True, 7, -2 ** 63, "text"):
+            fast = b"".join(bytes(p) for p in protocol.encode_result(5, value, protocol.MSGPACK))
+            general = b"".join(bytes(p) for p in protocol.encode_frame(
+                {"type": "result", "id": 5, "ok": value}, protocol.MSGPACK))
+            self.assertEqual(msgpack.unpackb(fast[9:]), msgpack.unpackb(general[9:]))
+            self.assertEqual(fast[:5], general[:5])
+        with self.assertRaises(FrameTooLarge):
+            protocol.encode_result(5, "x" * 100, protocol.MSGPACK, max_frame=50)
+
+    def test_bad_headers(self):
+        for header in (b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"id": 1}),
+                       msgpack.packb({"type": 3})):
+            with self.subTest(header=header), self.assertRaises(ProtocolError):
+                protocol.decode_body(body(0x4D, header))
+
+    def test_a_placeholder_without_attachments_is_refused(self):
+        header = msgpack.packb({"type": "call", "args": {"__pypool_att__": 0}})
+        with self.assertRaises(ProtocolError):
+            protocol.decode_body(body(0x4D, header))
+
 
 class DecodeErrorsTest(unittest.TestCase):
     def assertBad(self, data):

@@ -64,14 +64,20 @@ pub fn call_sized_frame() -> Vec<u8> {
 }
 
 /// The body of a Python script that answers pypool CALLs doing what the wire format requires
-/// and nothing more: it decodes each CALL's JSON header with the C scanner, calls the handler
-/// it names with the call's arguments, encodes the RESULT header with a C encoder built once
-/// (as the runtime does), and writes every reply of a read at once. Append a line calling
-/// `serve(read, write)` with `read()` returning the bytes that arrived and `write(data)` the
-/// number of bytes written; [`protocol_round_trips`] drives it. It is the floor of any worker
-/// speaking this protocol, next to the raw echoes' floor of any worker at all.
+/// and nothing more, with the codec pypool would use with that interpreter (MessagePack if it
+/// can import `msgpack`, else JSON): it decodes each CALL's header (JSON with the C scanner),
+/// calls the handler it names with the call's arguments, encodes the RESULT header (JSON with a
+/// C encoder built once, as the runtime does), and writes every reply of a read at once. It
+/// first writes its codec's byte. Append a line calling `serve(read, write)` with `read()`
+/// returning the bytes that arrived and `write(data)` the number of bytes written;
+/// [`protocol_round_trips`] drives it. It is the floor of any worker speaking this protocol,
+/// next to the raw echoes' floor of any worker at all.
 pub const PROTOCOL_ECHO_SERVE: &str = r#"
 import functools, json.decoder, json.encoder, os, socket, struct, sys
+try:
+    import msgpack
+except ImportError:
+    msgpack = None
 
 def echo(value):
     return value
@@ -82,6 +88,7 @@ def serve(read, write):
         None, None, json.encoder.encode_basestring, None, ":", ",", False, False, False)
     prefix = struct.Struct(">IBI").pack
     handlers = {"echo": echo}
+    write(b"M" if msgpack else b"J")
     buf = b""
     while True:
         data = read()
@@ -94,11 +101,17 @@ def serve(read, write):
             n = int.from_bytes(buf[end:end + 4], "big")
             if size - end - 4 < n:
                 break
-            call = scan(buf[end + 9:end + 4 + n].decode(), 0)[0]
-            value = handlers[call["command"]](**call["args"])
-            head = ('{"type":"result","id":%d,"ok":%s}'
-                    % (call["id"], "".join(encode(value, 0)))).encode()
-            out.append(prefix(len(head) + 5, 0x4A, len(head)) + head)
+            if msgpack:
+                call = msgpack.unpackb(buf[end + 9:end + 4 + n])
+                value = handlers[call["command"]](**call["args"])
+                head = msgpack.packb({"type": "result", "id": call["id"], "ok": value})
+                out.append(prefix(len(head) + 5, 0x4D, len(head)) + head)
+            else:
+                call = scan(buf[end + 9:end + 4 + n].decode(), 0)[0]
+                value = handlers[call["command"]](**call["args"])
+                head = ('{"type":"result","id":%d,"ok":%s}'
+                        % (call["id"], "".join(encode(value, 0)))).encode()
+                out.append(prefix(len(head) + 5, 0x4A, len(head)) + head)
             end += 4 + n
         if end:
             data = b"".join(out)
@@ -110,24 +123,38 @@ def serve(read, write):
 
 /// `rounds` sequential round trips with a [`PROTOCOL_ECHO_SERVE`] process: each encodes the
 /// no-op CALL (ids from `first_id`) and decodes the RESULT with pool-core's codec, as the pool
-/// does, and checks the value. Returns each round trip's time.
+/// does, and checks the value. `codec` is the echo's, once read (`None` before the first
+/// round trips: its announcement is read first). Returns the codec and each round trip's time.
 pub async fn protocol_round_trips<R, W>(
     reader: &mut tokio::io::BufReader<R>,
     writer: &mut W,
+    codec: Option<Codec>,
     first_id: u64,
     rounds: usize,
-) -> std::io::Result<Vec<Duration>>
+) -> std::io::Result<(Codec, Vec<Duration>)>
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    let codec = match codec {
+        Some(codec) => codec,
+        None => match reader.read_u8().await? {
+            b'M' => Codec::Msgpack,
+            b'J' => Codec::Json,
+            other => {
+                return Err(std::io::Error::other(format!(
+                    "the protocol echo announced codec byte {other:#04x}"
+                )))
+            }
+        },
+    };
     let expected = noop_args()["value"].clone();
     let mut times = Vec::with_capacity(rounds);
     for id in first_id..first_id + rounds as u64 {
         let t = Instant::now();
-        let body = encode(&noop_call(id), Codec::Json, &[]).map_err(std::io::Error::other)?;
+        let body = encode(&noop_call(id), codec, &[]).map_err(std::io::Error::other)?;
         writer.write_all(&framed(&body)).await?;
         let len = reader.read_u32().await? as usize;
         let mut back = vec![0u8; len];
@@ -146,7 +173,7 @@ where
         }
         times.push(t.elapsed());
     }
-    Ok(times)
+    Ok((codec, times))
 }
 
 /// The CPUs this process may run on (`taskset` sets it for the whole tree).

@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use pool_core::protocol::Codec;
 use pool_core::{Payload, Pool, PoolConfig};
 use pool_testkit::bench;
 use serde_json::{json, Value};
@@ -193,6 +194,7 @@ struct ProtocolEcho {
     )>,
     child: std::process::Child,
     next_id: u64,
+    codec: Option<Codec>,
 }
 
 impl ProtocolEcho {
@@ -217,6 +219,7 @@ impl ProtocolEcho {
             io: Some((tokio::io::BufReader::new(read), write)),
             child,
             next_id: 1,
+            codec: None,
         })
     }
 
@@ -224,13 +227,16 @@ impl ProtocolEcho {
         let (mut read, mut write) = self.io.take().ok_or(std::io::Error::other("closed"))?;
         let first = self.next_id;
         self.next_id += rounds as u64;
-        let (io, times) = tokio::spawn(async move {
-            let times = bench::protocol_round_trips(&mut read, &mut write, first, rounds).await?;
-            Ok::<_, std::io::Error>(((read, write), times))
+        let codec = self.codec;
+        let (io, (codec, times)) = tokio::spawn(async move {
+            let out =
+                bench::protocol_round_trips(&mut read, &mut write, codec, first, rounds).await?;
+            Ok::<_, std::io::Error>(((read, write), out))
         })
         .await
         .map_err(std::io::Error::other)??;
         self.io = Some(io);
+        self.codec = Some(codec);
         Ok(times)
     }
 

@@ -32,6 +32,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pool_core::protocol::Codec;
 use pool_core::{Pool, PoolConfig, WorkerSpec};
 use pool_testkit::bench;
 use serde_json::{json, Value};
@@ -209,6 +210,7 @@ struct ProtocolEcho {
     )>,
     child: tokio::process::Child,
     next_id: u64,
+    codec: Option<Codec>,
 }
 
 impl ProtocolEcho {
@@ -235,6 +237,7 @@ impl ProtocolEcho {
             io: Some((stdin, BufReader::new(stdout))),
             child,
             next_id: 1,
+            codec: None,
         })
     }
 
@@ -242,13 +245,16 @@ impl ProtocolEcho {
         let (mut stdin, mut stdout) = self.io.take().ok_or(std::io::Error::other("closed"))?;
         let first = self.next_id;
         self.next_id += rounds as u64;
-        let (io, times) = tokio::spawn(async move {
-            let times = bench::protocol_round_trips(&mut stdout, &mut stdin, first, rounds).await?;
-            Ok::<_, std::io::Error>(((stdin, stdout), times))
+        let codec = self.codec;
+        let (io, (codec, times)) = tokio::spawn(async move {
+            let out =
+                bench::protocol_round_trips(&mut stdout, &mut stdin, codec, first, rounds).await?;
+            Ok::<_, std::io::Error>(((stdin, stdout), out))
         })
         .await
         .map_err(std::io::Error::other)??;
         self.io = Some(io);
+        self.codec = Some(codec);
         Ok(times)
     }
 

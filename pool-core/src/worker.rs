@@ -502,11 +502,15 @@ impl Reader {
             }
         };
         tokio::pin!(exited);
+        // Made once, not per frame: a Notified joins the Notify's waiter list when first
+        // polled and leaves it when dropped, two locks a frame otherwise.
+        let killed = routing.kill.notified();
+        tokio::pin!(killed);
         let mut drain_until: Option<tokio::time::Instant> = None;
         let reason = loop {
             let received = tokio::select! {
                 biased;
-                _ = routing.kill.notified() => {
+                _ = &mut killed => {
                     break routing.kill_reason.lock().take().unwrap_or_else(|| "was killed".into());
                 }
                 received = receiver.recv() => received,

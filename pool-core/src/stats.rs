@@ -386,6 +386,9 @@ pub struct WorkerStatus {
     pub missed_pings: u32,
     /// Interpreter version from HELLO.
     pub python: String,
+    /// The header codec chosen at the handshake: `msgpack`, `marshal` or `json`.
+    #[serde(default)]
+    pub codec: String,
 }
 
 /// The circuit breaker's state.

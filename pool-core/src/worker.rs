@@ -225,8 +225,12 @@ impl WorkerConn {
             );
             return Err(fail(message, true, Failure::Kill).await);
         }
-        let codec = if hello.codecs.iter().any(|c| c == "msgpack") {
+        // The fastest codec both sides have: msgpack, else the stdlib's marshal, else JSON.
+        let offers = |name: &str| hello.codecs.iter().any(|c| c == name);
+        let codec = if offers("msgpack") {
             Codec::Msgpack
+        } else if offers("marshal") {
+            Codec::Marshal
         } else {
             Codec::Json
         };

@@ -65,30 +65,28 @@ pub fn call_sized_frame() -> Vec<u8> {
 
 /// The body of a Python script that answers pypool CALLs doing what the wire format requires
 /// and nothing more, with the codec pypool would use with that interpreter (MessagePack if it
-/// can import `msgpack`, else JSON): it decodes each CALL's header (JSON with the C scanner),
-/// calls the handler it names with the call's arguments, encodes the RESULT header (JSON with a
-/// C encoder built once, as the runtime does), and writes every reply of a read at once. It
-/// first writes its codec's byte. Append a line calling `serve(read, write)` with `read()`
+/// can import `msgpack`, else the stdlib's `marshal`): it decodes each CALL's header, calls the
+/// handler it names with the call's arguments, encodes the RESULT header, and writes every
+/// reply of a read at once. It first writes its codec's byte. Append a line calling `serve(read, write)` with `read()`
 /// returning the bytes that arrived and `write(data)` the number of bytes written;
 /// [`protocol_round_trips`] drives it. It is the floor of any worker speaking this protocol,
 /// next to the raw echoes' floor of any worker at all.
 pub const PROTOCOL_ECHO_SERVE: &str = r#"
-import functools, json.decoder, json.encoder, os, socket, struct, sys
+import functools, marshal, os, socket, struct, sys
 try:
     import msgpack
+    loads, dumps, tag = msgpack.unpackb, msgpack.packb, 0x4D
 except ImportError:
-    msgpack = None
+    loads, tag = marshal.loads, 0x53
+    dumps = lambda value, dumps=marshal.dumps: dumps(value, 2)
 
 def echo(value):
     return value
 
 def serve(read, write):
-    scan = json.decoder.JSONDecoder().scan_once
-    encode = json.encoder.c_make_encoder(
-        None, None, json.encoder.encode_basestring, None, ":", ",", False, False, False)
     prefix = struct.Struct(">IBI").pack
     handlers = {"echo": echo}
-    write(b"M" if msgpack else b"J")
+    write(bytes([tag]))
     buf = b""
     while True:
         data = read()
@@ -101,17 +99,10 @@ def serve(read, write):
             n = int.from_bytes(buf[end:end + 4], "big")
             if size - end - 4 < n:
                 break
-            if msgpack:
-                call = msgpack.unpackb(buf[end + 9:end + 4 + n])
-                value = handlers[call["command"]](**call["args"])
-                head = msgpack.packb({"type": "result", "id": call["id"], "ok": value})
-                out.append(prefix(len(head) + 5, 0x4D, len(head)) + head)
-            else:
-                call = scan(buf[end + 9:end + 4 + n].decode(), 0)[0]
-                value = handlers[call["command"]](**call["args"])
-                head = ('{"type":"result","id":%d,"ok":%s}'
-                        % (call["id"], "".join(encode(value, 0)))).encode()
-                out.append(prefix(len(head) + 5, 0x4A, len(head)) + head)
+            call = loads(buf[end + 9:end + 4 + n])
+            value = handlers[call["command"]](**call["args"])
+            head = dumps({"type": "result", "id": call["id"], "ok": value})
+            out.append(prefix(len(head) + 5, tag, len(head)) + head)
             end += 4 + n
         if end:
             data = b"".join(out)
@@ -142,7 +133,7 @@ where
         Some(codec) => codec,
         None => match reader.read_u8().await? {
             b'M' => Codec::Msgpack,
-            b'J' => Codec::Json,
+            b'S' => Codec::Marshal,
             other => {
                 return Err(std::io::Error::other(format!(
                     "the protocol echo announced codec byte {other:#04x}"

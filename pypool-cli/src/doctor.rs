@@ -347,7 +347,7 @@ fn advice(
     }
     if modules.msgpack.as_ref().is_some_and(|m| !m.available) {
         advice.push(format!(
-            "Optional: `{exe} -m pip install msgpack` makes message headers MessagePack instead of JSON (a little faster); everything works without it."
+            "Optional: `{exe} -m pip install msgpack` makes message headers MessagePack instead of the standard library's marshal (about as fast; quicker for many strings); everything works without it."
         ));
     }
     if modules.zmq.as_ref().is_some_and(|m| !m.available) {

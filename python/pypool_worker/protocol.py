@@ -11,6 +11,7 @@ worker and the tests use it.
 import json
 import json.decoder
 import json.encoder
+import marshal
 import math
 import os
 import struct
@@ -25,7 +26,12 @@ PROTOCOL_VERSION = 2
 
 JSON = "json"
 MSGPACK = "msgpack"
-_CODEC_BYTE = {JSON: 0x4A, MSGPACK: 0x4D}
+# Python's own marshal format, version 2 (no back-references), for the subset of types a header
+# holds: the binary codec every interpreter has. Frames come only from the pool this worker
+# serves (and are authenticated where they cross a network), which marshal.loads requires.
+MARSHAL = "marshal"
+_MARSHAL_VERSION = 2
+_CODEC_BYTE = {JSON: 0x4A, MSGPACK: 0x4D, MARSHAL: 0x53}
 _BYTE_CODEC = {v: k for k, v in _CODEC_BYTE.items()}
 
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
@@ -69,7 +75,7 @@ FrameTooLarge.__module__ = "pypool_worker"
 
 def available_codecs():
     """Codecs this interpreter can read and write, for HELLO."""
-    return [JSON, MSGPACK] if _msgpack is not None else [JSON]
+    return [JSON, MARSHAL, MSGPACK] if _msgpack is not None else [JSON, MARSHAL]
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,6 +137,37 @@ def _extract_for_msgpack(value, atts):
     return value  # anything else: msgpack accepts it (int/str subclasses) or raises TypeError
 
 
+def _extract_for_marshal(value, atts):
+    """``_extract_for_msgpack`` for marshal, which also takes only the exact built-in types: a
+    subclass (an IntEnum, an OrderedDict) becomes its base type, as JSON would write it."""
+    t = type(value)
+    if t is str or t is int or t is bool or value is None:
+        return value
+    if t is float:
+        if not math.isfinite(value):
+            raise ValueError("Out of range float values are not JSON compliant")
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        atts.append(_as_attachment(value))
+        return {ATT_KEY: len(atts) - 1}
+    if isinstance(value, dict):
+        if t is dict and _MSGPACK_PLAIN.issuperset(map(type, value.values())) and all(
+                type(k) is str for k in value):
+            return value
+        return {_msgpack_key(k): _extract_for_marshal(v, atts) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        if (t is list or t is tuple) and _MSGPACK_PLAIN.issuperset(map(type, value)):
+            return value if t is list else list(value)  # marshal keeps a tuple a tuple
+        return [_extract_for_marshal(v, atts) for v in value]
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return _extract_for_marshal(float(value), atts)
+    if isinstance(value, str):
+        return str(value)
+    raise TypeError("Object of type %s is not serializable" % t.__name__)
+
+
 # One JSON encoder for every header, built once: json.dumps and JSONEncoder.encode build a new C
 # encoder on every call, which costs more than encoding a small header. Byte strings are moved
 # to the attachments as the encoder meets them (its ``default`` hook), into the list the current
@@ -180,6 +217,11 @@ def _encode_header(header, codec):
         if atts:
             header["att"] = [_nbytes(a) for a in atts]
         return _msgpack.packb(header, use_bin_type=True), atts
+    if codec == MARSHAL:
+        header = _extract_for_marshal(header, atts)
+        if atts:
+            header["att"] = [_nbytes(a) for a in atts]
+        return marshal.dumps(header, _MARSHAL_VERSION), atts
     raise ValueError("unknown codec %r" % (codec,))
 
 
@@ -216,13 +258,17 @@ def encode_result(call_id, value, codec=JSON, max_frame=DEFAULT_MAX_FRAME):
     """``encode_frame`` of ``{"type": "result", "id": call_id, "ok": value}``, faster: a reply is
     sent for every call, and most values are small."""
     if codec != JSON:
-        if codec == MSGPACK and type(value) in _MSGPACK_PLAIN:  # nothing to check or move
-            head = _msgpack.packb({"type": "result", "id": call_id, "ok": value})
+        if type(value) in _MSGPACK_PLAIN:  # nothing to check or move
+            if codec == MARSHAL:
+                head = marshal.dumps({"type": "result", "id": call_id, "ok": value},
+                                     _MARSHAL_VERSION)
+            else:
+                head = _msgpack.packb({"type": "result", "id": call_id, "ok": value})
             size = 5 + len(head)
             if size > max_frame:
                 raise FrameTooLarge("result message of %d bytes exceeds max_frame %d"
                                     % (size, max_frame))
-            return [_FRAME_PREFIX.pack(size, 0x4D, len(head)) + head]
+            return [_FRAME_PREFIX.pack(size, _CODEC_BYTE[codec], len(head)) + head]
         return encode_frame({"type": "result", "id": call_id, "ok": value}, codec, max_frame)
     scalar = _JSON_SCALAR.get(type(value))
     if scalar is not None:  # nothing to move to attachments: the whole frame is one buffer
@@ -313,6 +359,15 @@ def decode_body(body):
             if (end == len(text) and type(header) is dict and type(header.get("type")) is str
                     and "att" not in header and ATT_KEY not in text):
                 return header
+    elif codec_byte == 0x53 and header_end == size:
+        try:
+            header = marshal.loads(body[5:])
+        except Exception:
+            pass  # the general path below gives the error
+        else:
+            if (type(header) is dict and type(header.get("type")) is str and "att" not in header
+                    and _ATT_KEY_BYTES not in body):
+                return header
     elif codec_byte == 0x4D and header_end == size and _msgpack is not None:
         try:
             header = _msgpack.unpackb(body[5:], raw=False, strict_map_key=False)
@@ -342,6 +397,10 @@ def decode_body(body):
             packed = bytes(body[5:header_end])
             mentions_placeholder = _ATT_KEY_BYTES in packed
             header = _msgpack.unpackb(packed, raw=False, strict_map_key=False)
+        elif codec == MARSHAL:
+            packed = bytes(body[5:header_end])
+            mentions_placeholder = _ATT_KEY_BYTES in packed
+            header = marshal.loads(packed)
         else:
             raise ProtocolError("unknown codec byte 0x%02x" % codec_byte)
     except ProtocolError:

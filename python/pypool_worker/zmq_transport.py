@@ -238,9 +238,11 @@ class ZmqChannel:
         if frames is None:
             return None
         if self._signer is not None:
-            if len(frames) == 1 and self._signer.recv_seq == 0:
+            if (len(frames) == 1 and self._signer.recv_seq == 0
+                    and bytes(memoryview(frames[0])[:1]) == b"J"):
                 # Refused at AUTH: the pool's reject comes before any signed message (it has
-                # no session key for a peer that failed), and only then is one accepted.
+                # no session key for a peer that failed), and only then is one accepted. It is
+                # JSON (the handshake's codec): nothing unsigned reaches another decoder.
                 msg = protocol.decode_body(frames[0])
                 if msg["type"] == "reject":
                     raise ProtocolError("the pool refused this worker: %s" % (msg.get("reason"),))

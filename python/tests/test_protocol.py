@@ -1,7 +1,10 @@
 """Framing and body codec (PROTOCOL.md sections 1 and 2), without any process."""
 
 import array
+import collections
+import enum
 import json
+import marshal
 import os
 import struct
 import unittest
@@ -93,6 +96,67 @@ class JsonCodecTest(unittest.TestCase):
         with self.assertRaises(FrameTooLarge):
             protocol.encode_frame(msg, max_frame=1000)
         protocol.encode_frame(msg, max_frame=2000)
+
+
+class MarshalCodecTest(unittest.TestCase):
+    def test_roundtrip(self):
+        value = {"s": "héllo", "i": 2 ** 52, "f": 0.25, "n": None, "l": [1, 2, {"t": False}],
+                 "big": -2 ** 63}
+        out = roundtrip({"type": "result", "id": 1, "ok": value}, protocol.MARSHAL)
+        self.assertEqual(out["ok"], value)
+
+    def test_the_header_is_marshal_version_2(self):
+        parts = protocol.encode_frame({"type": "pong", "id": 3}, protocol.MARSHAL)
+        raw = bytes(parts[0])
+        self.assertEqual(raw[4], 0x53)
+        self.assertEqual(raw[9:], marshal.dumps({"type": "pong", "id": 3}, 2))
+
+    def test_bytes_are_attachments(self):
+        msg = {"type": "chunk", "id": 1, "seq": 0, "value": (b"abc", bytearray(b"de"))}
+        raw = bytes(protocol.encode_frame(msg, protocol.MARSHAL)[0])
+        header = marshal.loads(raw[9:])
+        self.assertEqual(header["value"], [{"__pypool_att__": 0}, {"__pypool_att__": 1}])
+        self.assertEqual(header["att"], [3, 2])
+        self.assertEqual(roundtrip(msg, protocol.MARSHAL)["value"], [b"abc", b"de"])
+
+    def test_values_read_as_json_would_write_them(self):
+        class Level(enum.IntEnum):
+            HIGH = 3
+
+        class Name(str):
+            pass
+
+        value = {3: "a", 2.5: "b", True: "c", None: "d", "e": Level.HIGH, "f": Name("x"),
+                 "g": collections.OrderedDict(h=(1, 2)), "i": [Level.HIGH]}
+        json_out = roundtrip({"type": "result", "id": 1, "ok": value})["ok"]
+        marshal_out = roundtrip({"type": "result", "id": 1, "ok": value}, protocol.MARSHAL)["ok"]
+        self.assertEqual(json_out, marshal_out)
+        self.assertIs(type(marshal_out["e"]), int)
+
+    def test_what_json_refuses_it_refuses(self):
+        for value in ([float("nan")], {"x": object()}, {1, 2}):
+            with self.subTest(value=value), self.assertRaises((ValueError, TypeError)):
+                protocol.encode_frame({"type": "result", "id": 1, "ok": value}, protocol.MARSHAL)
+
+    def test_results_of_plain_values_match_the_general_encoding(self):
+        for value in (None, True, 7, -2 ** 63, "text"):
+            fast = b"".join(bytes(p) for p in protocol.encode_result(5, value, protocol.MARSHAL))
+            general = b"".join(bytes(p) for p in protocol.encode_frame(
+                {"type": "result", "id": 5, "ok": value}, protocol.MARSHAL))
+            self.assertEqual(fast, general)
+        with self.assertRaises(FrameTooLarge):
+            protocol.encode_result(5, "x" * 100, protocol.MARSHAL, max_frame=50)
+
+    def test_bad_headers(self):
+        for header in (b"\x00", marshal.dumps([1, 2]), marshal.dumps({"id": 1}),
+                       marshal.dumps({"type": 3})):
+            with self.subTest(header=header), self.assertRaises(ProtocolError):
+                protocol.decode_body(body(0x53, header))
+
+    def test_a_placeholder_without_attachments_is_refused(self):
+        header = marshal.dumps({"type": "call", "args": {"__pypool_att__": 0}}, 2)
+        with self.assertRaises(ProtocolError):
+            protocol.decode_body(body(0x53, header))
 
 
 @unittest.skipIf(msgpack is None, "msgpack is not installed")

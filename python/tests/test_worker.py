@@ -575,6 +575,25 @@ class MsgpackWorkerTest(unittest.TestCase):
         self.assertEqual(w.recv(), {"type": "pong", "id": 5})
 
 
+class MarshalWorkerTest(unittest.TestCase):
+    """The codec a worker without msgpack gets: every kind of reply, over marshal."""
+
+    def test_calls_over_marshal(self):
+        w = WorkerProcess(self)
+        self.assertIn("marshal", w.handshake(codec="marshal")["codecs"])
+        value = {"b": b"\x00" * 100, "s": "x", "l": [1, 2.5, None], "big": 2 ** 40}
+        self.assertEqual(w.ok(1, "echo", {"value": value}), value)
+        self.assertEqual(w.ok(2, "add", [2, 3]), 5)
+        self.assertEqual(w.result(3, "fail", ["boom"])["error"]["type"], "ValueError")
+        w.call(4, "stream", [2])
+        self.assertEqual([w.recv()["type"] for _ in range(3)], ["chunk", "chunk", "end"])
+        reply = w.result(5, "add", [[1, 2], [3, 4]], batch=True)
+        self.assertEqual(reply["ok"], [3, 7])
+        # JSON from the pool is still accepted after WELCOME chose marshal.
+        w.send_raw(wire.frame_bytes({"type": "ping", "id": 6}, protocol.JSON))
+        self.assertEqual(w.recv(), {"type": "pong", "id": 6})
+
+
 class IpcTest(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.TemporaryDirectory()

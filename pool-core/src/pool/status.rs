@@ -78,6 +78,7 @@ impl Pool {
                 rss_bytes: slot.rss,
                 missed_pings: slot.missed_pings,
                 python: slot.conn.hello.python.clone(),
+                codec: slot.conn.codec.name().to_owned(),
             })
             .collect();
         let mut sessions: Vec<SessionStatus> = state

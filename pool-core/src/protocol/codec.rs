@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use serde_json::Value;
 
+use super::marshal;
 use super::message::{ItemError, Message, RemoteError};
 
 /// How a frame header is encoded.
@@ -15,6 +16,9 @@ pub enum Codec {
     Json,
     /// MessagePack, when both sides have it.
     Msgpack,
+    /// Python's `marshal` (version 2, the subset described in `marshal.rs`): the binary codec
+    /// every interpreter has, used when the worker has no msgpack.
+    Marshal,
 }
 
 impl Codec {
@@ -23,6 +27,7 @@ impl Codec {
         match self {
             Codec::Json => b'J',
             Codec::Msgpack => b'M',
+            Codec::Marshal => b'S',
         }
     }
 
@@ -31,6 +36,7 @@ impl Codec {
         match self {
             Codec::Json => "json",
             Codec::Msgpack => "msgpack",
+            Codec::Marshal => "marshal",
         }
     }
 
@@ -39,6 +45,7 @@ impl Codec {
         match name {
             "json" => Some(Codec::Json),
             "msgpack" => Some(Codec::Msgpack),
+            "marshal" => Some(Codec::Marshal),
             _ => None,
         }
     }
@@ -51,7 +58,7 @@ pub enum ProtocolError {
     /// The body is shorter than its fixed prefix.
     #[error("frame body of {0} bytes is shorter than the 5-byte prefix")]
     TooShort(usize),
-    /// The codec byte is neither `J` nor `M`.
+    /// The codec byte is none of `J`, `M` and `S`.
     #[error("unknown codec byte 0x{0:02x}")]
     UnknownCodec(u8),
     /// The header length points past the end of the body.
@@ -169,6 +176,15 @@ fn decode_reply(codec: Codec, header: &[u8]) -> Option<EnvelopeIn> {
             deserializer.set_max_depth(MSGPACK_MAX_DEPTH);
             ReplyIn::deserialize(&mut deserializer).ok()?
         }
+        Codec::Marshal => {
+            // A dict whose first key is "type", then "result" or "chunk" (as Python writes it).
+            if !(header.starts_with(b"{u\x04\x00\x00\x00typeu\x06\x00\x00\x00result")
+                || header.starts_with(b"{u\x04\x00\x00\x00typeu\x05\x00\x00\x00chunk"))
+            {
+                return None;
+            }
+            marshal::from_slice(header, MSGPACK_MAX_DEPTH).ok()?
+        }
     };
     let msg = match reply.kind {
         ReplyKind::Result => Message::Result {
@@ -215,6 +231,9 @@ pub fn encode(msg: &Message, codec: Codec, attachments: &[Bytes]) -> Result<Byte
         Codec::Msgpack => {
             rmp_serde::to_vec_named(&envelope).map_err(|e| ProtocolError::Header(e.to_string()))?
         }
+        Codec::Marshal => {
+            marshal::to_vec(&envelope).map_err(|e| ProtocolError::Header(e.to_string()))?
+        }
     };
     let header_len = u32::try_from(header.len()).map_err(|_| ProtocolError::FrameTooLarge {
         len: header.len(),
@@ -239,6 +258,7 @@ pub fn decode(body: Bytes) -> Result<(Message, Vec<Bytes>), ProtocolError> {
     let codec = match body[0] {
         b'J' => Codec::Json,
         b'M' => Codec::Msgpack,
+        b'S' => Codec::Marshal,
         other => return Err(ProtocolError::UnknownCodec(other)),
     };
     let header_len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
@@ -258,6 +278,9 @@ pub fn decode(body: Bytes) -> Result<(Message, Vec<Bytes>), ProtocolError> {
                 let mut deserializer = rmp_serde::Deserializer::new(header);
                 deserializer.set_max_depth(MSGPACK_MAX_DEPTH);
                 EnvelopeIn::deserialize(&mut deserializer).map_err(|e| e.to_string())
+            }
+            Codec::Marshal => {
+                marshal::from_slice(header, MSGPACK_MAX_DEPTH).map_err(|e| e.to_string())
             }
         },
     };
@@ -307,8 +330,8 @@ pub fn decode(body: Bytes) -> Result<(Message, Vec<Bytes>), ProtocolError> {
     Ok((envelope.msg, attachments))
 }
 
-/// The depth limit for MessagePack headers, the same as `serde_json`'s built-in one (values nest
-/// inside the message map), so both codecs take the same values.
+/// The depth limit for MessagePack and marshal headers, the same as `serde_json`'s built-in one
+/// (values nest inside the message map), so every codec takes the same values.
 const MSGPACK_MAX_DEPTH: usize = 128;
 
 /// The call id of a RESULT or CHUNK header that could not be decoded as a whole, read from its
@@ -327,6 +350,10 @@ fn reply_id(codec: Codec, header: &[u8]) -> Option<u64> {
         Codec::Msgpack => {
             let mut deserializer = rmp_serde::Deserializer::new(header);
             serde::Deserializer::deserialize_map(&mut deserializer, PrefixVisitor(&mut prefix))
+                .map_err(|_| ())
+        }
+        Codec::Marshal => {
+            marshal::deserialize_map(header, MSGPACK_MAX_DEPTH, PrefixVisitor(&mut prefix))
                 .map_err(|_| ())
         }
     };
@@ -512,13 +539,13 @@ mod tests {
     }
 
     #[test]
-    fn every_message_round_trips_in_both_codecs() {
+    fn every_message_round_trips_in_every_codec() {
         let att = [
             Bytes::from_static(b"\x00\x01"),
             Bytes::new(),
             Bytes::from_static(b"xyz"),
         ];
-        for codec in [Codec::Json, Codec::Msgpack] {
+        for codec in [Codec::Json, Codec::Msgpack, Codec::Marshal] {
             for msg in all_messages() {
                 let body = encode(&msg, codec, &att).unwrap();
                 assert_eq!(body[0], codec.tag());
@@ -532,7 +559,7 @@ mod tests {
     #[test]
     fn replies_take_the_fast_path_and_read_as_the_general_path_does() {
         let mut replies = 0;
-        for codec in [Codec::Json, Codec::Msgpack] {
+        for codec in [Codec::Json, Codec::Msgpack, Codec::Marshal] {
             for msg in all_messages() {
                 let body = encode(&msg, codec, &[Bytes::from_static(b"ab")]).unwrap();
                 let header_len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
@@ -548,7 +575,7 @@ mod tests {
                 assert_eq!(fast.att, vec![2]);
             }
         }
-        assert_eq!(replies, 2 * 3);
+        assert_eq!(replies, 3 * 3);
         // What the Python runtime writes, `type` and `id` first; a null `ok` is a null value.
         let python = br#"{"type":"result","id":9,"ok":null,"unknown":1}"#;
         let fast = decode_reply(Codec::Json, python).expect("fast path");
@@ -673,6 +700,17 @@ mod tests {
             decode(Bytes::from(body)),
             Err(ProtocolError::Value { id: 4, .. })
         ));
+        // And under marshal.
+        let chunk = Message::Chunk {
+            id: 4,
+            seq: 0,
+            value,
+        };
+        let body = encode(&chunk, Codec::Marshal, &[]).unwrap();
+        assert!(matches!(
+            decode(body),
+            Err(ProtocolError::Value { id: 4, .. })
+        ));
         // Just under the limit decodes.
         let ok = format!("{}1{}", "[".repeat(100), "]".repeat(100));
         let header = format!(r#"{{"type":"result","id":9,"ok":{ok}}}"#);
@@ -699,6 +737,20 @@ mod tests {
                 }
                 other => panic!("{big}: expected a value error, got {other:?}"),
             }
+        }
+        // Under marshal, a long of five 15-bit digits holding 2**64 (what Python writes for it).
+        let mut header = b"{u\x04\x00\x00\x00typeu\x06\x00\x00\x00resultu\x02\x00\x00\x00id\
+                           i\x03\x00\x00\x00u\x02\x00\x00\x00okl\x05\x00\x00\x00"
+            .to_vec();
+        header.extend_from_slice(b"\x00\x00\x00\x00\x00\x00\x00\x00\x10\x000");
+        let mut body = vec![b'S'];
+        body.extend_from_slice(&(header.len() as u32).to_be_bytes());
+        body.extend_from_slice(&header);
+        match decode(Bytes::from(body)) {
+            Err(ProtocolError::Value { id: 3, reason }) => {
+                assert!(reason.contains("64 bits"), "{reason}")
+            }
+            other => panic!("marshal: expected a value error, got {other:?}"),
         }
         for fine in [
             "18446744073709551615",

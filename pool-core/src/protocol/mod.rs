@@ -2,13 +2,14 @@
 //!
 //! `PROTOCOL.md` at the repository root is the normative description; this module is its Rust
 //! implementation. A frame is a 4-byte big-endian length followed by a body; a body is a codec
-//! byte, a 4-byte header length, the header (JSON or MessagePack) and raw binary attachments.
+//! byte, a 4-byte header length, the header (JSON, MessagePack or Python's marshal) and raw binary attachments.
 //!
 //! Version 2 added flow control for streams (`window` in CALL, the CREDIT message).
 
 pub mod auth;
 mod codec;
 mod framed;
+mod marshal;
 mod message;
 
 pub use codec::{decode, encode, Codec, ProtocolError};

@@ -24,7 +24,7 @@ fn codec(c: &mut Criterion) {
     let msg = call();
     let attachments = [Bytes::from_static(b"0123456789abcdef")];
     let mut group = c.benchmark_group("codec_call_roundtrip");
-    for codec in [Codec::Json, Codec::Msgpack] {
+    for codec in [Codec::Json, Codec::Msgpack, Codec::Marshal] {
         group.bench_function(codec.name(), |b| {
             b.iter(|| {
                 let body = encode(&msg, codec, &attachments).expect("encode");

@@ -832,6 +832,33 @@ mod tests {
         assert!(from_slice::<Value>(b"NN", 128).is_err(), "trailing bytes");
     }
 
+    /// Damaged and random input is refused (or read) without a panic, and never allocates more
+    /// than the input holds.
+    #[test]
+    fn damaged_input_is_an_error_not_a_panic() {
+        let valid = to_vec(&json!({"type": "result", "id": 7, "ok": [1, -2, 1u64 << 40,
+            "text", {"k": [null, true, 2.5]}]}))
+        .unwrap();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..20_000 {
+            let mut input = valid.clone();
+            for _ in 0..1 + next() % 4 {
+                let at = (next() % input.len() as u64) as usize;
+                input[at] = next() as u8;
+            }
+            input.truncate((next() % (input.len() as u64 + 1)) as usize);
+            let _ = from_slice::<Value>(&input, 128);
+            let random: Vec<u8> = (0..next() % 64).map(|_| next() as u8).collect();
+            let _ = from_slice::<Value>(&random, 128);
+        }
+    }
+
     #[test]
     fn depth_is_bounded() {
         let mut deep = Vec::new();

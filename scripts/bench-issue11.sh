@@ -51,6 +51,8 @@ command -v taskset >/dev/null || { say "taskset is needed (util-linux)"; exit 1;
     echo "kernel=$(uname -sr)"
     echo "cpus=$(nproc)"
     echo "python=$("$PYTHON" -c 'import sys; print(sys.version.split()[0])')"
+    # The header codec its workers get (PROTOCOL.md, section 2): msgpack if it has it, else marshal.
+    echo "python_codec=$("$PYTHON" -c 'import msgpack' 2>/dev/null && echo msgpack || echo marshal)"
     echo "rustc=$(rustc --version)"
     echo "load_before=$(cut -d' ' -f1-3 /proc/loadavg)"
 } >"$OUT/env.txt"
@@ -103,7 +105,7 @@ unpinned = load("stdio_unpinned.json")
 ipc = load("ipc_unpinned.json")
 ipc_pinned = load("ipc_pinned.json")
 startup = load("startup.json")["startup"]
-maps = [(load("map.json"), "JSON")]
+maps = [(load("map.json"), env["python_codec"])]
 if (out / "map_msgpack.json").exists():
     maps.append((load("map_msgpack.json"), "msgpack"))
 base = tp["baselines"]
@@ -205,8 +207,8 @@ for title, r in (("stdio pinned", pinned), ("stdio unpinned", unpinned), ("ipc u
                  ("ipc pinned", ipc_pinned)):
     names = {"raw_blocking": "raw echo, blocking Rust I/O",
              "raw_tokio": "raw echo, tokio I/O",
-             "protocol_tokio": "protocol echo (JSON CALL decoded, handler called, RESULT "
-                               "encoded; no pool), tokio I/O",
+             "protocol_tokio": "protocol echo (CALL decoded, handler called, RESULT "
+                               "encoded, in the codec pypool picks; no pool), tokio I/O",
              "pypool": "pypool no-op call"}
     for key, name in names.items():
         f = lat(r, key)

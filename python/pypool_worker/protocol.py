@@ -92,11 +92,11 @@ def _as_attachment(value):
     return value  # bytes and bytearray are written as they are
 
 
-def _msgpack_key(key):
+def _binary_key(key):
     # Mirror what json.dumps does with non-string keys, so a handler's result means the same
-    # thing under both codecs (the pool's values are JSON-shaped: string keys only).
+    # thing under every codec (the pool's values are JSON-shaped: string keys only).
     if isinstance(key, str):
-        return key
+        return str(key)
     if key is True:
         return "true"
     if key is False:
@@ -108,13 +108,18 @@ def _msgpack_key(key):
     raise TypeError("keys must be str, int, float, bool or None, not %s" % type(key).__name__)
 
 
-# Types msgpack encodes as they are, with nothing to move to the attachments: a container of
-# only these is checked at C speed (``issuperset(map(type, ...))``) instead of copied item by item.
-_MSGPACK_PLAIN = frozenset((str, int, bool, type(None)))
+# Types the binary codecs encode as they are, with nothing to move to the attachments: a container
+# of only these is checked at C speed (``issuperset(map(type, ...))``) instead of copied item by
+# item.
+_PLAIN = frozenset((str, int, bool, type(None)))
 
 
-def _extract_for_msgpack(value, atts):
-    """Copy ``value`` replacing byte strings by placeholders (msgpack would inline them as bin)."""
+def _extract_for_binary(value, atts):
+    """``value`` as msgpack and marshal take it, and as JSON would write it: byte strings
+    replaced by attachment placeholders (those codecs would inline them), keys made strings,
+    non-finite floats refused, and subclasses of the built-in types (an IntEnum, an OrderedDict)
+    made their base type (marshal takes the exact types only). Containers with nothing to change
+    are not copied (a map's batch of results)."""
     t = type(value)
     if t is str or t is int or t is bool or value is None:
         return value
@@ -126,43 +131,18 @@ def _extract_for_msgpack(value, atts):
         atts.append(_as_attachment(value))
         return {ATT_KEY: len(atts) - 1}
     if isinstance(value, dict):
-        if _MSGPACK_PLAIN.issuperset(map(type, value.values())) and all(
-                type(k) is str for k in value):
-            return value  # nothing to replace: skip the copy (a map's batch of results)
-        return {_msgpack_key(k): _extract_for_msgpack(v, atts) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        if _MSGPACK_PLAIN.issuperset(map(type, value)):
-            return value
-        return [_extract_for_msgpack(v, atts) for v in value]
-    return value  # anything else: msgpack accepts it (int/str subclasses) or raises TypeError
-
-
-def _extract_for_marshal(value, atts):
-    """``_extract_for_msgpack`` for marshal, which also takes only the exact built-in types: a
-    subclass (an IntEnum, an OrderedDict) becomes its base type, as JSON would write it."""
-    t = type(value)
-    if t is str or t is int or t is bool or value is None:
-        return value
-    if t is float:
-        if not math.isfinite(value):
-            raise ValueError("Out of range float values are not JSON compliant")
-        return value
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        atts.append(_as_attachment(value))
-        return {ATT_KEY: len(atts) - 1}
-    if isinstance(value, dict):
-        if t is dict and _MSGPACK_PLAIN.issuperset(map(type, value.values())) and all(
+        if t is dict and _PLAIN.issuperset(map(type, value.values())) and all(
                 type(k) is str for k in value):
             return value
-        return {_msgpack_key(k): _extract_for_marshal(v, atts) for k, v in value.items()}
+        return {_binary_key(k): _extract_for_binary(v, atts) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        if (t is list or t is tuple) and _MSGPACK_PLAIN.issuperset(map(type, value)):
-            return value if t is list else list(value)  # marshal keeps a tuple a tuple
-        return [_extract_for_marshal(v, atts) for v in value]
+        if (t is list or t is tuple) and _PLAIN.issuperset(map(type, value)):
+            return value if t is list else list(value)  # marshal would keep a tuple a tuple
+        return [_extract_for_binary(v, atts) for v in value]
     if isinstance(value, int):
         return int(value)
     if isinstance(value, float):
-        return _extract_for_marshal(float(value), atts)
+        return _extract_for_binary(float(value), atts)
     if isinstance(value, str):
         return str(value)
     raise TypeError("Object of type %s is not serializable" % t.__name__)
@@ -213,12 +193,12 @@ def _encode_header(header, codec):
     if codec == MSGPACK:
         if _msgpack is None:
             raise ProtocolError("msgpack codec requested but msgpack is not installed")
-        header = _extract_for_msgpack(header, atts)
+        header = _extract_for_binary(header, atts)
         if atts:
             header["att"] = [_nbytes(a) for a in atts]
         return _msgpack.packb(header, use_bin_type=True), atts
     if codec == MARSHAL:
-        header = _extract_for_marshal(header, atts)
+        header = _extract_for_binary(header, atts)
         if atts:
             header["att"] = [_nbytes(a) for a in atts]
         return marshal.dumps(header, _MARSHAL_VERSION), atts
@@ -258,7 +238,7 @@ def encode_result(call_id, value, codec=JSON, max_frame=DEFAULT_MAX_FRAME):
     """``encode_frame`` of ``{"type": "result", "id": call_id, "ok": value}``, faster: a reply is
     sent for every call, and most values are small."""
     if codec != JSON:
-        if type(value) in _MSGPACK_PLAIN:  # nothing to check or move
+        if type(value) in _PLAIN:  # nothing to check or move
             if codec == MARSHAL:
                 head = marshal.dumps({"type": "result", "id": call_id, "ok": value},
                                      _MARSHAL_VERSION)
@@ -341,6 +321,19 @@ _scan_json = json.decoder.JSONDecoder().scan_once
 _unpack_body_prefix = _BODY_PREFIX.unpack_from
 
 
+def _loads_json_body(body):
+    """The header of a JSON body that is all header, or None if the general path should look."""
+    text = body[5:].decode("utf-8")
+    header, end = _scan_json(text, 0)  # the scanner alone: json.loads adds two searches
+    return header if end == len(text) else None
+
+
+# Codec byte -> how to decode a body that is all header, for decode_body's usual case.
+_PLAIN_LOADS = {0x4A: _loads_json_body, 0x53: lambda body: marshal.loads(body[5:])}
+if _msgpack is not None:
+    _PLAIN_LOADS[0x4D] = lambda body: _msgpack.unpackb(body[5:], raw=False, strict_map_key=False)
+
+
 def decode_body(body):
     """Decode one frame body into its header dict, attachments already substituted as bytes."""
     size = len(body)
@@ -348,37 +341,17 @@ def decode_body(body):
         raise ProtocolError("frame body of %d bytes is shorter than its 5-byte prefix" % size)
     codec_byte, header_len = _unpack_body_prefix(body)
     header_end = 5 + header_len
-    if codec_byte == 0x4A and header_end == size:
-        # The usual message: a JSON header and no attachments. The checks below, in short.
-        try:
-            text = body[5:].decode("utf-8")
-            header, end = _scan_json(text, 0)
-        except Exception:
-            pass  # the general path below gives the error
-        else:
-            if (end == len(text) and type(header) is dict and type(header.get("type")) is str
-                    and "att" not in header and ATT_KEY not in text):
-                return header
-    elif codec_byte == 0x53 and header_end == size:
-        try:
-            header = marshal.loads(body[5:])
-        except Exception:
-            pass  # the general path below gives the error
-        else:
+    if header_end == size:
+        # The usual message, without attachments: the checks below, in short.
+        loads = _PLAIN_LOADS.get(codec_byte)
+        if loads is not None:
+            try:
+                header = loads(body)
+            except Exception:
+                header = None  # the general path below gives the error
             if (type(header) is dict and type(header.get("type")) is str and "att" not in header
                     and _ATT_KEY_BYTES not in body):
                 return header
-    elif codec_byte == 0x4D and header_end == size and _msgpack is not None:
-        try:
-            header = _msgpack.unpackb(body[5:], raw=False, strict_map_key=False)
-        except Exception:
-            pass  # the general path below gives the error
-        else:
-            if (type(header) is dict and type(header.get("type")) is str and "att" not in header
-                    and _ATT_KEY_BYTES not in body):
-                return header
-    if header_end > size:
-        raise ProtocolError("header length %d exceeds the %d-byte body" % (header_len, size))
     codec = _BYTE_CODEC.get(codec_byte)
     try:
         if codec == JSON:

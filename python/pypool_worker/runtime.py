@@ -199,6 +199,17 @@ class _Handler:
         self.inline = not self.on_loop and _inline_candidate(fn)
         self.slow_once = False  # its last call on the reader took longer than the budget
 
+    def judge_inline(self, took):
+        """A call of this handler ran on the reader for ``took`` seconds: past the budget twice
+        in a row, its calls run on the sync thread from now on. (Twice: once may be the machine,
+        not the handler, when the thread was not scheduled for a while.)"""
+        if took > INLINE_BUDGET_SECONDS:
+            if self.slow_once:
+                self.inline = False
+            self.slow_once = True
+        else:
+            self.slow_once = False
+
     def bind(self, args, ctx):
         """Map the call's ``args`` onto (positional, keyword) arguments, adding ``ctx``."""
         if isinstance(args, dict):
@@ -947,13 +958,7 @@ class Worker:
             failed = None
         except BaseException as exc:
             failed = exc
-        took = clock() - started
-        if took > INLINE_BUDGET_SECONDS:  # as in _run_inline
-            if handler_.slow_once:
-                handler_.inline = False
-            handler_.slow_once = True
-        else:
-            handler_.slow_once = False
+        handler_.judge_inline(clock() - started)
         parts = None
         if failed is None and type(value) in _PLAIN_RESULTS:
             try:
@@ -974,11 +979,7 @@ class Worker:
                 log("internal error in call %d: %r" % (call_id, exc))
                 after = None
                 self._send_error(call, exc)
-            if after is None:
-                self._calls.pop(call_id, None)
-            elif after is not _HANDED_OFF:
-                handler_.inline = False  # it hands work to the loop: not a fast handler
-                self._finish_on_loop(call, after)
+            self._after_reader_call(call, after)
             self._flush()
         elif self._outbox:
             self._outbox.append(parts)
@@ -1037,18 +1038,15 @@ class Worker:
             log("internal error in call %d: %r" % (call.id, exc))
             pending = None
             self._send_error(call, exc)
-        handler_ = call.handler
         took = time.perf_counter() - started
         if call.batch:
             took /= call.batch  # a batch reads the channel between its items: judge one item
-        if took > INLINE_BUDGET_SECONDS:
-            # Twice in a row: once may be the machine, not the handler (the thread was not
-            # scheduled for a while).
-            if handler_.slow_once:
-                handler_.inline = False
-            handler_.slow_once = True
-        else:
-            handler_.slow_once = False
+        call.handler.judge_inline(took)
+        self._after_reader_call(call, pending)
+
+    def _after_reader_call(self, call, pending):
+        """A call ran on the reader and returned ``pending`` (see ``_answer_with``): forget it
+        once answered, or let the loop finish what it returned."""
         if pending is None:
             self._calls.pop(call.id, None)
         elif pending is not _HANDED_OFF:

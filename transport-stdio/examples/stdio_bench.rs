@@ -143,6 +143,32 @@ fn start_blocking_echo(
     Ok(bench::BlockingEcho::spawn(child, stdin, stdout, frame))
 }
 
+/// `python -c script` on tokio pipes, killed when dropped.
+fn spawn_script(
+    python: &std::path::Path,
+    script: &str,
+) -> std::io::Result<(
+    tokio::process::Child,
+    tokio::process::ChildStdin,
+    tokio::process::ChildStdout,
+)> {
+    let mut child = Command::new(python)
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdin = child
+        .stdin
+        .take()
+        .ok_or(std::io::Error::other("no stdin"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or(std::io::Error::other("no stdout"))?;
+    Ok((child, stdin, stdout))
+}
+
 /// A raw echo driven through tokio's pipes from a runtime task.
 struct TokioEcho {
     io: Option<(tokio::process::ChildStdin, tokio::process::ChildStdout)>,
@@ -152,20 +178,7 @@ struct TokioEcho {
 
 impl TokioEcho {
     fn start(python: &std::path::Path, frame: Arc<[u8]>) -> std::io::Result<TokioEcho> {
-        let mut child = Command::new(python)
-            .args(["-c", ECHO_SCRIPT])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        let stdin = child
-            .stdin
-            .take()
-            .ok_or(std::io::Error::other("no stdin"))?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or(std::io::Error::other("no stdout"))?;
+        let (child, stdin, stdout) = spawn_script(python, ECHO_SCRIPT)?;
         Ok(TokioEcho {
             io: Some((stdin, stdout)),
             child,
@@ -219,20 +232,7 @@ impl ProtocolEcho {
             "{}serve(functools.partial(os.read, 0, 65536), functools.partial(os.write, 1))\n",
             bench::PROTOCOL_ECHO_SERVE
         );
-        let mut child = Command::new(python)
-            .args(["-c", &script])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        let stdin = child
-            .stdin
-            .take()
-            .ok_or(std::io::Error::other("no stdin"))?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or(std::io::Error::other("no stdout"))?;
+        let (child, stdin, stdout) = spawn_script(python, &script)?;
         Ok(ProtocolEcho {
             io: Some((stdin, BufReader::new(stdout))),
             child,

@@ -589,7 +589,8 @@ def _open_channel(transport, secret, opts=None):
             secret,
             connect=None if opts is None else opts.connect,
             secret_file=None if opts is None else opts.secret_file,
-            log=log)
+            log=log,
+            on_closed=lambda reason: _exit(EXIT_OK, reason))
         _EXIT_HOOKS.append(channel.flush_and_close)
         return channel
     raise UsageError("unknown transport %r" % (transport,))
@@ -1907,7 +1908,7 @@ def main(argv=None):
     if opts.workers is not None:
         from .zmq_workers import run_workers  # a supervisor, not a worker: no channel
 
-        _exit(run_workers(argv, opts.workers))
+        _exit(run_workers(argv, opts.workers, log, _EXIT_HOOKS))
 
     try:
         channel = _open_channel(opts.transport, secret, opts)

@@ -224,13 +224,17 @@ class ZmqChannel:
     def send(self, header):
         self.write(self.encode(header))
 
+    # What to do when a write finds the connection gone: the runtime sets its exit here
+    # (nobody is left to answer, the EOF case); by default the error propagates.
+    on_closed = None
+
     def write(self, parts):
         try:
             self._write(parts)
         except self._zmq.ZMQError as exc:
-            from .runtime import EXIT_OK, _exit
-
-            _exit(EXIT_OK, "channel closed while writing (%s), exiting" % exc)
+            if self.on_closed is None:
+                raise
+            self.on_closed("channel closed while writing (%s), exiting" % exc)
 
     def recv(self):
         """The next message from the pool, or None once the connection is gone."""
@@ -371,7 +375,7 @@ class ZmqChannel:
                 self._lock.release()
 
 
-def open_channel(secret, connect=None, secret_file=None, log=None):
+def open_channel(secret, connect=None, secret_file=None, log=None, on_closed=None):
     """Connect, join and authenticate; the channel the runtime serves on.
 
     Local workers (started by the pool) get the endpoint in PYPOOL_ZMQ_CONNECT, their identity in
@@ -392,6 +396,7 @@ def open_channel(secret, connect=None, secret_file=None, log=None):
     identity = os.environ.pop(ENV_IDENTITY, None)
     identity = identity.encode("utf-8") if identity else default_identity()
     channel = ZmqChannel(endpoint, identity, key)
+    channel.on_closed = on_closed
     if log is not None:
         log("joining the pool at %s as %s" % (endpoint, identity.decode("utf-8", "replace")))
     try:

@@ -75,14 +75,14 @@ class _Set:
                 return
 
 
-def run_workers(argv, count):
-    """Start ``count`` workers for ``argv``; return the exit status for this process."""
-    from .runtime import _EXIT_HOOKS, log
-
+def run_workers(argv, count, log, exit_hooks):
+    """Start ``count`` workers for ``argv``; return the exit status for this process. ``log``
+    writes a line to stderr; ``exit_hooks`` is the runtime's list of what to run on its way
+    out."""
     workers = _Set(log)
     # However this process ends (SIGTERM, its parent going away, the first worker's exit), the
     # runtime's exit path stops the remaining workers first.
-    _EXIT_HOOKS.append(workers.stop_all)
+    exit_hooks.append(workers.stop_all)
     command = [sys.executable, "-m", "pypool_worker"] + _child_argv(argv)
     for index in range(count):
         child = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)

@@ -58,16 +58,25 @@ pub trait Target: Send + Sync {
     fn real_processes(&self) -> bool {
         true
     }
+    /// The interpreter the workers run ([`PoolConfig::python`]); `None` for the launcher's
+    /// default.
+    fn python(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The pool configuration the cases use: two workers, short limits.
 pub fn config(target: &dyn Target) -> PoolConfig {
-    PoolConfig::new(target.app())
+    let config = PoolConfig::new(target.app())
         .size(2)
         .checkout_timeout(Duration::from_secs(30))
         .call_timeout(Duration::from_secs(30))
         .cancel_grace(Duration::from_millis(500))
-        .start_timeout(Duration::from_secs(60))
+        .start_timeout(Duration::from_secs(60));
+    match target.python() {
+        Some(python) => config.python(python),
+        None => config,
+    }
 }
 
 async fn start(target: &dyn Target, config: PoolConfig) -> Pool {

@@ -8,9 +8,12 @@ use serde_json::Value;
 use super::marshal;
 use super::message::{ItemError, Message, RemoteError};
 
-/// How a frame header is encoded.
+/// How a frame header is encoded. Workers announce what they read and write in HELLO and the
+/// pool picks the fastest both have (msgpack, else marshal, else JSON); more codecs may come, so
+/// a `match` on this needs a wildcard arm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Codec {
     /// JSON (UTF-8). Always available; used for the handshake.
     Json,

@@ -167,7 +167,7 @@ pub enum Command {
     /// Check this machine: interpreter, runtime, optional Python modules, transports, platform.
     ///
     /// Resolves the interpreter the workers would run (following shims), shows its version and
-    /// whether it can import msgpack (the faster codec) and zmq (for the zmq transport), lists
+    /// whether it can import msgpack (an optional codec) and zmq (for the zmq transport), lists
     /// the transports compiled into this binary and the platform's process controls, starts one
     /// real worker and calls it, and says what to do about anything missing. Exits with 1 if
     /// workers cannot run here.

@@ -832,6 +832,50 @@ mod tests {
         assert!(from_slice::<Value>(b"NN", 128).is_err(), "trailing bytes");
     }
 
+    /// Random values of every shape a header holds come back equal.
+    #[test]
+    fn random_values_round_trip() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        fn value(next: &mut dyn FnMut() -> u64, depth: u32) -> Value {
+            let scalar_only = depth >= 4;
+            match next() % if scalar_only { 7 } else { 9 } {
+                0 => Value::Null,
+                1 => Value::Bool(next() % 2 == 0),
+                // Around every width boundary: 32-bit, the 15-bit digits, 63 and 64 bits.
+                2 => {
+                    let bits = next() % 64;
+                    let v = (next() >> (63 - bits.min(62))) as i64;
+                    json!(if next() % 2 == 0 { v } else { v.wrapping_neg() })
+                }
+                3 => json!(next()),
+                4 => json!(
+                    f64::from_bits(next() % (0x7fefu64 << 48))
+                        * if next() % 2 == 0 { 1.0 } else { -1.0 }
+                ),
+                5 => json!((0..next() % 12)
+                    .map(|_| char::from_u32((next() % 0x2fff) as u32).unwrap_or('?'))
+                    .collect::<String>()),
+                6 => json!(""),
+                7 => Value::Array((0..next() % 6).map(|_| value(next, depth + 1)).collect()),
+                _ => Value::Object(
+                    (0..next() % 6)
+                        .map(|i| (format!("k{i}"), value(next, depth + 1)))
+                        .collect(),
+                ),
+            }
+        }
+        for _ in 0..5_000 {
+            let v = value(&mut next, 0);
+            assert_eq!(roundtrip(&v), v, "{v}");
+        }
+    }
+
     /// Damaged and random input is refused (or read) without a panic, and never allocates more
     /// than the input holds.
     #[test]

@@ -231,33 +231,38 @@ def encode_frame(header, codec=JSON, max_frame=DEFAULT_MAX_FRAME):
 
 
 _JSON_SCALAR = {type(None): lambda v: "null", bool: lambda v: "true" if v else "false",
-                int: int.__repr__}
+                int: int.__repr__, str: lambda v: _encode_json(v)}
+
+
+def encode_plain_result(call_id, value, codec=JSON, max_frame=DEFAULT_MAX_FRAME):
+    """The whole frame of ``{"type": "result", "id": call_id, "ok": value}`` as one ``bytes``
+    when ``value`` is a plain scalar (None, bool, int, str: nothing to check or move to the
+    attachments), else None. FrameTooLarge if it would exceed ``max_frame``."""
+    if type(value) not in _PLAIN:
+        return None
+    if codec == JSON:
+        head = ('{"type":"result","id":%d,"ok":%s}'
+                % (call_id, _JSON_SCALAR[type(value)](value))).encode()
+    elif codec == MARSHAL:
+        head = marshal.dumps({"type": "result", "id": call_id, "ok": value}, _MARSHAL_VERSION)
+    elif codec == MSGPACK:
+        head = _msgpack.packb({"type": "result", "id": call_id, "ok": value})
+    else:
+        return None
+    size = 5 + len(head)
+    if size > max_frame:
+        raise FrameTooLarge("result message of %d bytes exceeds max_frame %d" % (size, max_frame))
+    return _FRAME_PREFIX.pack(size, _CODEC_BYTE[codec], len(head)) + head
 
 
 def encode_result(call_id, value, codec=JSON, max_frame=DEFAULT_MAX_FRAME):
     """``encode_frame`` of ``{"type": "result", "id": call_id, "ok": value}``, faster: a reply is
     sent for every call, and most values are small."""
+    frame = encode_plain_result(call_id, value, codec, max_frame)
+    if frame is not None:
+        return [frame]
     if codec != JSON:
-        if type(value) in _PLAIN:  # nothing to check or move
-            if codec == MARSHAL:
-                head = marshal.dumps({"type": "result", "id": call_id, "ok": value},
-                                     _MARSHAL_VERSION)
-            else:
-                head = _msgpack.packb({"type": "result", "id": call_id, "ok": value})
-            size = 5 + len(head)
-            if size > max_frame:
-                raise FrameTooLarge("result message of %d bytes exceeds max_frame %d"
-                                    % (size, max_frame))
-            return [_FRAME_PREFIX.pack(size, _CODEC_BYTE[codec], len(head)) + head]
         return encode_frame({"type": "result", "id": call_id, "ok": value}, codec, max_frame)
-    scalar = _JSON_SCALAR.get(type(value))
-    if scalar is not None:  # nothing to move to attachments: the whole frame is one buffer
-        head = ('{"type":"result","id":%d,"ok":%s}' % (call_id, scalar(value))).encode()
-        size = 5 + len(head)
-        if size > max_frame:
-            raise FrameTooLarge("result message of %d bytes exceeds max_frame %d"
-                                % (size, max_frame))
-        return [_FRAME_PREFIX.pack(size, 0x4A, len(head)) + head]
     atts = []
     _encoding.atts = atts
     try:
@@ -328,6 +333,26 @@ def _loads_json_body(body):
     return header if end == len(text) else None
 
 
+def _decode_plain(body):
+    """The header of the usual message, a body that is all header (no attachments) in a codec
+    this side reads, with the fields every message has; None for anything else, which
+    ``decode_body``'s general path then decodes (or refuses with the reason)."""
+    if len(body) < 5:
+        return None
+    codec_byte, header_len = _unpack_body_prefix(body)
+    loads = _PLAIN_LOADS.get(codec_byte)
+    if loads is None or 5 + header_len != len(body):
+        return None
+    try:
+        header = loads(body)
+    except Exception:
+        return None
+    if (type(header) is dict and type(header.get("type")) is str and "att" not in header
+            and _ATT_KEY_BYTES not in body):
+        return header
+    return None
+
+
 # Codec byte -> how to decode a body that is all header, for decode_body's usual case.
 _PLAIN_LOADS = {0x4A: _loads_json_body, 0x53: lambda body: marshal.loads(body[5:])}
 if _msgpack is not None:
@@ -339,19 +364,11 @@ def decode_body(body):
     size = len(body)
     if size < 5:
         raise ProtocolError("frame body of %d bytes is shorter than its 5-byte prefix" % size)
+    header = _decode_plain(body)
+    if header is not None:
+        return header
     codec_byte, header_len = _unpack_body_prefix(body)
     header_end = 5 + header_len
-    if header_end == size:
-        # The usual message, without attachments: the checks below, in short.
-        loads = _PLAIN_LOADS.get(codec_byte)
-        if loads is not None:
-            try:
-                header = loads(body)
-            except Exception:
-                header = None  # the general path below gives the error
-            if (type(header) is dict and type(header.get("type")) is str and "att" not in header
-                    and _ATT_KEY_BYTES not in body):
-                return header
     codec = _BYTE_CODEC.get(codec_byte)
     try:
         if codec == JSON:
@@ -516,6 +533,29 @@ class FrameReader:
                 self._start = stop
                 return self._buf[start + 4:stop]
         return self._read_rest()
+
+    def read_alone(self):
+        """The header of the next frame when it is the usual one of a call-and-reply exchange:
+        nothing was buffered, one read brought exactly that frame and emptied the stream, and it
+        is a plain message (``_decode_plain``). Otherwise None, having consumed nothing: ``read``
+        then returns that frame from the buffer, or learns of the end of the stream."""
+        if self._start != self._end:
+            return None
+        n = self._readinto(self._view)
+        if not n:
+            return None  # the end of the stream, which read() will see again
+        self._start = 0
+        self._end = n
+        self.drained = n < len(self._buf)
+        if n < 4 or not self.drained:
+            return None
+        (length,) = _unpack_len(self._buf, 0)
+        if length + 4 != n or length > self.max_frame:
+            return None
+        header = _decode_plain(self._buf[4:n])
+        if header is not None:
+            self._start = n
+        return header
 
     def _read_rest(self):
         """``read`` of a frame that is not all buffered yet, or is bad."""

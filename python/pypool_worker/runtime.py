@@ -447,6 +447,8 @@ class _Channel:
 
     def __init__(self, readinto, writev, fileno=None):
         self._frames = protocol.FrameReader(readinto)
+        # The next message when it came alone (see FrameReader.read_alone), else None.
+        self.read_alone = self._frames.read_alone
         self._writev = writev
         self._lock = threading.Lock()
         self._poll = None
@@ -498,6 +500,20 @@ class _Channel:
         except OSError as exc:
             # The pool closed its end: nobody is left to answer, which is the EOF case.
             _take_down_group("channel closed while writing (%s), exiting" % exc)
+
+    def write_whole(self, data):
+        """``write`` of a message that is one ``bytes`` (no attachments)."""
+        try:
+            with self._lock:
+                written = self._writev([data])
+                if written != len(data):
+                    protocol.write_all(self._writev, [memoryview(data)[written:]])
+        except OSError as exc:
+            _take_down_group("channel closed while writing (%s), exiting" % exc)
+
+    def encode_plain_result(self, call_id, value):
+        """``protocol.encode_plain_result`` in this channel's codec and frame limit."""
+        return protocol.encode_plain_result(call_id, value, self.codec, self._max_frame)
 
     def send(self, header):
         self.write(self.encode(header))
@@ -819,8 +835,19 @@ class Worker:
         pending = self._pending_after_read
         local = self._local
         call_direct = self._call_direct
+        # Pipes and sockets: a message that came alone is read, decoded and, when it is a call
+        # the reader may run, answered in a few calls (the strict call-and-reply exchange);
+        # anything else takes the general path below.
+        read_alone = getattr(self.channel, "read_alone", None) if self._inline_ok else None
         try:
             while True:
+                if read_alone is not None and not local:
+                    msg = read_alone()
+                    if msg is not None:
+                        if msg["type"] != "call" or not call_direct(msg):
+                            dispatch(msg)
+                            self._run_local()
+                        continue
                 try:
                     msg = recv()
                 except protocol.BadCall as exc:
@@ -960,12 +987,21 @@ class Worker:
         except BaseException as exc:
             failed = exc
         handler_.judge_inline(clock() - started)
-        parts = None
+        parts = frame = None
         if failed is None and type(value) in _PLAIN_RESULTS:
             try:
-                parts = self._encode_result(call_id, value)
+                frame = self.channel.encode_plain_result(call_id, value)
+                if frame is None:
+                    parts = self._encode_result(call_id, value)
             except Exception:
                 pass  # the general path reports it as the call's error
+        if frame is not None:
+            if self._outbox:
+                self._outbox.append([frame])
+                self._flush()
+            else:
+                self.channel.write_whole(frame)
+            return True
         if parts is None:
             deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000.0
             call = _Call(call_id, handler_, None, None, deadline, window)

@@ -256,6 +256,80 @@ class DecodeErrorsTest(unittest.TestCase):
                          {"__pypool_att__": 0, "x": 1})
 
 
+def reads_of(*chunks):
+    """A readinto() that returns ``chunks`` one per call (then the end of the stream)."""
+    pending = [memoryview(bytes(c)) for c in chunks]
+
+    def readinto(buf):
+        if not pending:
+            return 0
+        chunk = pending.pop(0)
+        buf[:len(chunk)] = chunk
+        return len(chunk)
+
+    return readinto
+
+
+def frame(header, codec=protocol.JSON, attachments=()):
+    return b"".join(bytes(p) for p in protocol.encode_frame(header, codec)) if not attachments \
+        else b"".join(bytes(p) for p in protocol.encode_frame(dict(header, v=attachments), codec))
+
+
+class ReadAloneTest(unittest.TestCase):
+    """FrameReader.read_alone: the usual frame of a call-and-reply exchange, or nothing
+    consumed, so that read() returns the frame as it always did."""
+
+    def test_a_lone_plain_frame_is_decoded(self):
+        for codec in (protocol.JSON, protocol.MARSHAL):
+            with self.subTest(codec=codec):
+                reader = protocol.FrameReader(reads_of(frame({"type": "ping", "id": 1}, codec)))
+                self.assertEqual(reader.read_alone(), {"type": "ping", "id": 1})
+                self.assertIsNone(reader.read_alone())  # the end of the stream
+                self.assertIsNone(reader.read())
+
+    def test_anything_else_is_left_for_read(self):
+        one = frame({"type": "ping", "id": 1})
+        two = frame({"type": "ping", "id": 2})
+        with_bytes = frame({"type": "ping", "id": 3}, attachments=(b"ab",))
+        cases = {
+            "two frames in one read": ([one + two], [one, two]),
+            "half a frame": ([one[:6], one[6:]], [one]),
+            "attachments": ([with_bytes], [with_bytes]),
+            "not a plain header": ([b"\x00\x00\x00\x06J\x00\x00\x00\x01["], None),
+        }
+        for name, (chunks, frames) in cases.items():
+            with self.subTest(name):
+                reader = protocol.FrameReader(reads_of(*chunks))
+                self.assertIsNone(reader.read_alone())
+                if frames is None:
+                    with self.assertRaises(ProtocolError):
+                        protocol.decode_body(reader.read())
+                    continue
+                for f in frames:
+                    self.assertEqual(bytes(reader.read()), f[4:])
+                self.assertIsNone(reader.read())
+
+    def test_a_read_that_filled_the_buffer_is_not_alone(self):
+        big = frame({"type": "ping", "id": 1, "pad": "x" * 60})
+        reader = protocol.FrameReader(reads_of(big), buffer_size=len(big))
+        self.assertIsNone(reader.read_alone())  # more may have been waiting behind it
+        self.assertEqual(protocol.decode_body(reader.read())["id"], 1)
+
+    def test_plain_results_are_one_buffer_in_every_codec(self):
+        codecs = [protocol.JSON, protocol.MARSHAL] + ([protocol.MSGPACK] if msgpack else [])
+        for codec in codecs:
+            for value in (None, False, -7, 2 ** 63, "x\"é"):
+                with self.subTest(codec=codec, value=value):
+                    data = protocol.encode_plain_result(9, value, codec)
+                    self.assertIsInstance(data, bytes)
+                    self.assertEqual(protocol.decode_body(data[4:]),
+                                     {"type": "result", "id": 9, "ok": value})
+            self.assertIsNone(protocol.encode_plain_result(9, [1], codec))
+            self.assertIsNone(protocol.encode_plain_result(9, 1.5, codec))
+            with self.assertRaises(FrameTooLarge):
+                protocol.encode_plain_result(9, "x" * 100, codec, max_frame=60)
+
+
 class FramingTest(unittest.TestCase):
     def test_reads_frames_across_short_reads(self):
         frames = [b"".join(bytes(p) for p in protocol.encode_frame(

@@ -8,6 +8,7 @@ This module is pure stdlib (msgpack is used only when importable) and has no sta
 worker and the tests use it.
 """
 
+import functools
 import json
 import json.decoder
 import json.encoder
@@ -326,11 +327,11 @@ _scan_json = json.decoder.JSONDecoder().scan_once
 _unpack_body_prefix = _BODY_PREFIX.unpack_from
 
 
-def _loads_json_body(body):
-    """The header of a JSON body that is all header, or None if the general path should look."""
-    text = body[5:].decode("utf-8")
-    header, end = _scan_json(text, 0)  # the scanner alone: json.loads adds two searches
-    return header if end == len(text) else None
+def _loads_json_header(header):
+    """A JSON header, or None if the general path should look (whitespace around it)."""
+    text = header.decode("utf-8")
+    value, end = _scan_json(text, 0)  # the scanner alone: json.loads adds two searches
+    return value if end == len(text) else None
 
 
 def _decode_plain(body):
@@ -344,7 +345,7 @@ def _decode_plain(body):
     if loads is None or 5 + header_len != len(body):
         return None
     try:
-        header = loads(body)
+        header = loads(body[5:])
     except Exception:
         return None
     if (type(header) is dict and type(header.get("type")) is str and "att" not in header
@@ -353,10 +354,11 @@ def _decode_plain(body):
     return None
 
 
-# Codec byte -> how to decode a body that is all header, for decode_body's usual case.
-_PLAIN_LOADS = {0x4A: _loads_json_body, 0x53: lambda body: marshal.loads(body[5:])}
+# Codec byte -> how to decode a header, for decode_body's usual case (C functions where the
+# codec has one: no Python frame per message).
+_PLAIN_LOADS = {0x4A: _loads_json_header, 0x53: marshal.loads}
 if _msgpack is not None:
-    _PLAIN_LOADS[0x4D] = lambda body: _msgpack.unpackb(body[5:], raw=False, strict_map_key=False)
+    _PLAIN_LOADS[0x4D] = functools.partial(_msgpack.unpackb, raw=False, strict_map_key=False)
 
 
 def decode_body(body):

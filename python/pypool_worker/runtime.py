@@ -842,7 +842,11 @@ class Worker:
         try:
             while True:
                 if read_alone is not None and not local:
-                    msg = read_alone()
+                    try:
+                        msg = read_alone()
+                    except OSError as exc:  # as recv() takes it: the pool is gone
+                        log("channel read failed: %s" % exc)
+                        _take_down_group("channel closed, exiting")
                     if msg is not None:
                         if msg["type"] != "call" or not call_direct(msg):
                             dispatch(msg)

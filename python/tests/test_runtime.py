@@ -6,6 +6,7 @@ import inspect
 import io
 import sys
 import unittest
+import unittest.mock
 
 import wire  # noqa: F401  (puts the package on sys.path)
 from pypool_worker import runtime
@@ -122,3 +123,48 @@ class ParseArgsTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class ReaderLoopTest(unittest.TestCase):
+    """The reader loop in one process, over a channel whose reads and writes the test makes."""
+
+    def test_a_failed_read_is_the_pool_going_away_on_either_path(self):
+        # The first read brings a lone call (the short path), the second one fails, as a socket
+        # read does when the pool's end is reset.
+        call = b"".join(bytes(p) for p in runtime.protocol.encode_frame(
+            {"type": "call", "id": 1, "command": "echo_for_reader_test", "args": [5]}))
+        reads = [call]
+        written = []
+
+        def readinto(view):
+            if not reads:
+                raise ConnectionResetError("connection reset by peer")
+            data = reads.pop(0)
+            view[:len(data)] = data
+            return len(data)
+
+        def writev(parts):
+            written.append(b"".join(bytes(p) for p in parts))
+            return len(written[-1])
+
+        handlers = {"echo_for_reader_test": runtime._Handler("echo_for_reader_test", lambda v: v)}
+        worker = runtime.Worker(runtime._Channel(readinto, writev), handlers, 1)
+
+        class Down(KeyboardInterrupt):  # the one exception the reader's last resort re-raises
+            pass
+
+        def take_down(reason):
+            raise Down(reason)
+
+        logged = []
+        with unittest.mock.patch.object(runtime, "_take_down_group", take_down), \
+                unittest.mock.patch.object(runtime, "_exit", lambda code, reason=None: take_down(
+                    "exit %d: %s" % (code, reason))), \
+                unittest.mock.patch.object(runtime, "log", logged.append):
+            with self.assertRaises(Down) as caught:
+                worker._read_forever()
+        self.assertEqual(str(caught.exception), "channel closed, exiting")
+        self.assertTrue(any("connection reset" in line for line in logged), logged)
+        self.assertEqual(len(written), 1)
+        self.assertEqual(runtime.protocol.decode_body(written[0][4:]),
+                         {"type": "result", "id": 1, "ok": 5})

@@ -978,6 +978,7 @@ class Worker:
         clock = time.perf_counter
         started = clock()
         try:
+            # _apply, inline: calling it costs a Python frame, 0.2-0.3 us of this path.
             kind = type(args)
             if kind is dict:
                 value = fn(**args)
@@ -1241,7 +1242,7 @@ class Worker:
                 pos, kw = handler_.bind(args, call.context())
                 value = handler_.fn(*pos, **kw)
             else:
-                kind = type(args)
+                kind = type(args)  # _apply, inline (a Python frame less per call)
                 if kind is dict:
                     value = handler_.fn(**args)
                 elif kind is list:

@@ -38,14 +38,13 @@ const REPLY_SLACK: usize = 2;
 
 /// What a pending call receives from the reader.
 ///
-/// Two words, with the contents boxed: every call's reply channel allocates a block of 32
-/// replies up front, which at the contents' size (96 bytes) took the allocator's slow path on
-/// every call.
+/// A few words, the contents boxed: every call's reply channel allocates a block of 32 replies
+/// up front, which at the contents' size (96 bytes) took the allocator's slow path per call.
 #[derive(Debug)]
 pub(crate) enum Reply {
     Chunk(Box<Payload>),
     End,
-    Result(Box<Result<Payload, RemoteError>>),
+    Result(Result<Box<Payload>, Box<RemoteError>>),
     /// The result of a batch call in which some items failed: the list of values (`null` where
     /// an item failed) and the failures.
     Items(Box<(Payload, Vec<ItemError>)>),
@@ -603,7 +602,7 @@ impl Reader {
                     ),
                     traceback: None,
                 };
-                if self.route(id, Reply::Result(Box::new(Err(error)))) {
+                if self.route(id, Reply::Result(Err(Box::new(error)))) {
                     // The handler may still be producing: stop it.
                     if let Ok(body) = protocol::encode(&Message::Cancel { id }, self.codec, &[]) {
                         let _ = self.outbox.send(Outgoing::Frame(body));
@@ -625,8 +624,8 @@ impl Reader {
                     attachments,
                 };
                 let reply = match error {
-                    Some(error) => Reply::Result(Box::new(Err(error))),
-                    None if errors.is_empty() => Reply::Result(Box::new(Ok(value))),
+                    Some(error) => Reply::Result(Err(Box::new(error))),
+                    None if errors.is_empty() => Reply::Result(Ok(Box::new(value))),
                     None => Reply::Items(Box::new((value, errors))),
                 };
                 self.route_checked(id, reply)?;

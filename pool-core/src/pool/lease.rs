@@ -274,14 +274,12 @@ pub(super) fn reply_error(
     shared: Option<&Shared>,
 ) -> Result<Payload, Error> {
     match reply {
-        Reply::Result(result) => match *result {
-            Ok(payload) => Ok(payload),
-            Err(error) => Err(Error::Handler {
-                context: context.clone(),
-                worker: worker.to_owned(),
-                error: Box::new(error),
-            }),
-        },
+        Reply::Result(Ok(payload)) => Ok(*payload),
+        Reply::Result(Err(error)) => Err(Error::Handler {
+            context: context.clone(),
+            worker: worker.to_owned(),
+            error,
+        }),
         Reply::Dead(death) => Err(match shared {
             Some(shared) => shared.death_error(context, *death),
             None => crashed(context, *death),

@@ -270,9 +270,8 @@ def reads_of(*chunks):
     return readinto
 
 
-def frame(header, codec=protocol.JSON, attachments=()):
-    return b"".join(bytes(p) for p in protocol.encode_frame(header, codec)) if not attachments \
-        else b"".join(bytes(p) for p in protocol.encode_frame(dict(header, v=attachments), codec))
+def frame(header, codec=protocol.JSON):
+    return b"".join(bytes(p) for p in protocol.encode_frame(header, codec))
 
 
 class ReadAloneTest(unittest.TestCase):
@@ -290,7 +289,7 @@ class ReadAloneTest(unittest.TestCase):
     def test_anything_else_is_left_for_read(self):
         one = frame({"type": "ping", "id": 1})
         two = frame({"type": "ping", "id": 2})
-        with_bytes = frame({"type": "ping", "id": 3}, attachments=(b"ab",))
+        with_bytes = frame({"type": "ping", "id": 3, "v": b"ab"})
         cases = {
             "two frames in one read": ([one + two], [one, two]),
             "half a frame": ([one[:6], one[6:]], [one]),

@@ -503,11 +503,15 @@ class _Channel:
 
     def write_whole(self, data):
         """``write`` of a message that is one ``bytes`` (no attachments)."""
+        lock = self._lock
         try:
-            with self._lock:
+            lock.acquire()  # not `with`: twice as fast, and this runs for every call
+            try:
                 written = self._writev([data])
                 if written != len(data):
                     protocol.write_all(self._writev, [memoryview(data)[written:]])
+            finally:
+                lock.release()
         except OSError as exc:
             _take_down_group("channel closed while writing (%s), exiting" % exc)
 
@@ -991,7 +995,9 @@ class Worker:
             failed = None
         except BaseException as exc:
             failed = exc
-        handler_.judge_inline(clock() - started)
+        took = clock() - started
+        if took > INLINE_BUDGET_SECONDS or handler_.slow_once:  # else judging changes nothing
+            handler_.judge_inline(took)
         parts = frame = None
         if failed is None and type(value) in _PLAIN_RESULTS:
             try:

@@ -125,6 +125,24 @@ if __name__ == "__main__":
     unittest.main()
 
 
+def _channel(reads, written, at_end):
+    """A channel whose reads bring ``reads`` one by one, then ``at_end()`` (0: the pool closed
+    it), and whose writes are appended to ``written``, one message each."""
+
+    def readinto(view):
+        if not reads:
+            return at_end()
+        data = reads.pop(0)
+        view[:len(data)] = data
+        return len(data)
+
+    def writev(parts):
+        written.append(b"".join(bytes(p) for p in parts))
+        return len(written[-1])
+
+    return runtime._Channel(readinto, writev)
+
+
 class ReaderLoopTest(unittest.TestCase):
     """The reader loop in one process, over a channel whose reads and writes the test makes."""
 
@@ -133,22 +151,13 @@ class ReaderLoopTest(unittest.TestCase):
         # read does when the pool's end is reset.
         call = b"".join(bytes(p) for p in runtime.protocol.encode_frame(
             {"type": "call", "id": 1, "command": "echo_for_reader_test", "args": [5]}))
-        reads = [call]
         written = []
 
-        def readinto(view):
-            if not reads:
-                raise ConnectionResetError("connection reset by peer")
-            data = reads.pop(0)
-            view[:len(data)] = data
-            return len(data)
-
-        def writev(parts):
-            written.append(b"".join(bytes(p) for p in parts))
-            return len(written[-1])
+        def reset():
+            raise ConnectionResetError("connection reset by peer")
 
         handlers = {"echo_for_reader_test": runtime._Handler("echo_for_reader_test", lambda v: v)}
-        worker = runtime.Worker(runtime._Channel(readinto, writev), handlers, 1)
+        worker = runtime.Worker(_channel([call], written, reset), handlers, 1)
 
         class Down(KeyboardInterrupt):  # the one exception the reader's last resort re-raises
             pass
@@ -168,3 +177,41 @@ class ReaderLoopTest(unittest.TestCase):
         self.assertEqual(len(written), 1)
         self.assertEqual(runtime.protocol.decode_body(written[0][4:]),
                          {"type": "result", "id": 1, "ok": 5})
+
+    def test_a_handler_past_the_inline_budget_twice_in_a_row_leaves_the_reader(self):
+        # The handler moves a fake clock on by the seconds it is given: no real waiting.
+        now = [0.0]
+        budget = runtime.INLINE_BUDGET_SECONDS
+
+        def work(seconds):
+            now[0] += seconds
+            return seconds
+
+        def run(durations):
+            reads = [b"".join(bytes(p) for p in runtime.protocol.encode_frame(
+                {"type": "call", "id": i + 1, "command": "work", "args": [d]}))
+                for i, d in enumerate(durations)]
+            written = []
+            handler_ = runtime._Handler("work", work)
+            worker = runtime.Worker(_channel(reads, written, lambda: 0), {"work": handler_}, 1)
+
+            class Down(KeyboardInterrupt):
+                pass
+
+            def take_down(reason):
+                raise Down(reason)
+
+            with unittest.mock.patch.object(runtime, "_take_down_group", take_down), \
+                    unittest.mock.patch.object(runtime.time, "perf_counter", lambda: now[0]):
+                with self.assertRaises(Down):
+                    worker._read_forever()
+            # Every call ran on the reader (there is no sync thread here) and was answered.
+            self.assertEqual([runtime.protocol.decode_body(w[4:])["id"] for w in written],
+                             list(range(1, len(durations) + 1)))
+            return handler_.inline
+
+        slow, fast = 2 * budget, budget / 10
+        self.assertTrue(run([fast, fast]))
+        self.assertTrue(run([slow]))  # once may be the machine, not the handler
+        self.assertTrue(run([slow, fast, slow]))  # not in a row
+        self.assertFalse(run([fast, slow, slow]))

@@ -71,46 +71,7 @@ pub fn call_sized_frame() -> Vec<u8> {
 /// returning the bytes that arrived and `write(data)` the number of bytes written;
 /// [`protocol_round_trips`] drives it. It is the floor of any worker speaking this protocol,
 /// next to the raw echoes' floor of any worker at all.
-pub const PROTOCOL_ECHO_SERVE: &str = r#"
-import functools, marshal, os, socket, struct, sys
-try:
-    import msgpack
-    loads, dumps, tag = msgpack.unpackb, msgpack.packb, 0x4D
-except ImportError:
-    loads, tag = marshal.loads, 0x53
-    dumps = lambda value, dumps=marshal.dumps: dumps(value, 2)
-
-def echo(value):
-    return value
-
-def serve(read, write):
-    prefix = struct.Struct(">IBI").pack
-    handlers = {"echo": echo}
-    write(bytes([tag]))
-    buf = b""
-    while True:
-        data = read()
-        if not data:
-            return
-        buf = buf + data if buf else data
-        out = []
-        end, size = 0, len(buf)
-        while size - end >= 4:
-            n = int.from_bytes(buf[end:end + 4], "big")
-            if size - end - 4 < n:
-                break
-            call = loads(buf[end + 9:end + 4 + n])
-            value = handlers[call["command"]](**call["args"])
-            head = dumps({"type": "result", "id": call["id"], "ok": value})
-            out.append(prefix(len(head) + 5, tag, len(head)) + head)
-            end += 4 + n
-        if end:
-            data = b"".join(out)
-            while data:
-                data = data[write(data):]
-            buf = buf[end:]
-
-"#;
+pub const PROTOCOL_ECHO_SERVE: &str = include_str!("protocol_echo.py");
 
 /// `rounds` sequential round trips with a [`PROTOCOL_ECHO_SERVE`] process: each encodes the
 /// no-op CALL (ids from `first_id`) and decodes the RESULT with pool-core's codec, as the pool

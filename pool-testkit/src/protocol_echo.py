@@ -1,6 +1,6 @@
 """The protocol echo (pool_testkit::bench::PROTOCOL_ECHO_SERVE): what a worker speaking pypool's
 wire format must do per CALL and nothing more. A script appends a line calling
-`serve(read, write)`; scripts/replay-reader.py imports it."""
+`serve(read, write)`; scripts/replay-reader.py runs the same file."""
 import functools, marshal, os, socket, struct, sys
 try:
     import msgpack

@@ -121,9 +121,6 @@ class ParseArgsTest(unittest.TestCase):
         self.assertTrue(runtime._python_version().startswith("%d.%d.%d" % sys.version_info[:3]))
 
 
-if __name__ == "__main__":
-    unittest.main()
-
 
 def _channel(reads, written, at_end):
     """A channel whose reads bring ``reads`` one by one, then ``at_end()`` (0: the pool closed
@@ -143,6 +140,15 @@ def _channel(reads, written, at_end):
     return runtime._Channel(readinto, writev)
 
 
+class _Down(KeyboardInterrupt):  # the one exception the reader's last resort re-raises
+    pass
+
+
+def _take_down(reason):
+    """Stands in for the runtime's _take_down_group: ends the reader loop with _Down."""
+    raise _Down(reason)
+
+
 class ReaderLoopTest(unittest.TestCase):
     """The reader loop in one process, over a channel whose reads and writes the test makes."""
 
@@ -159,18 +165,12 @@ class ReaderLoopTest(unittest.TestCase):
         handlers = {"echo_for_reader_test": runtime._Handler("echo_for_reader_test", lambda v: v)}
         worker = runtime.Worker(_channel([call], written, reset), handlers, 1)
 
-        class Down(KeyboardInterrupt):  # the one exception the reader's last resort re-raises
-            pass
-
-        def take_down(reason):
-            raise Down(reason)
-
         logged = []
-        with unittest.mock.patch.object(runtime, "_take_down_group", take_down), \
-                unittest.mock.patch.object(runtime, "_exit", lambda code, reason=None: take_down(
+        with unittest.mock.patch.object(runtime, "_take_down_group", _take_down), \
+                unittest.mock.patch.object(runtime, "_exit", lambda code, reason=None: _take_down(
                     "exit %d: %s" % (code, reason))), \
                 unittest.mock.patch.object(runtime, "log", logged.append):
-            with self.assertRaises(Down) as caught:
+            with self.assertRaises(_Down) as caught:
                 worker._read_forever()
         self.assertEqual(str(caught.exception), "channel closed, exiting")
         self.assertTrue(any("connection reset" in line for line in logged), logged)
@@ -194,16 +194,9 @@ class ReaderLoopTest(unittest.TestCase):
             written = []
             handler_ = runtime._Handler("work", work)
             worker = runtime.Worker(_channel(reads, written, lambda: 0), {"work": handler_}, 1)
-
-            class Down(KeyboardInterrupt):
-                pass
-
-            def take_down(reason):
-                raise Down(reason)
-
-            with unittest.mock.patch.object(runtime, "_take_down_group", take_down), \
+            with unittest.mock.patch.object(runtime, "_take_down_group", _take_down), \
                     unittest.mock.patch.object(runtime.time, "perf_counter", lambda: now[0]):
-                with self.assertRaises(Down):
+                with self.assertRaises(_Down):
                     worker._read_forever()
             # Every call ran on the reader (there is no sync thread here) and was answered.
             self.assertEqual([runtime.protocol.decode_body(w[4:])["id"] for w in written],
@@ -215,3 +208,7 @@ class ReaderLoopTest(unittest.TestCase):
         self.assertTrue(run([slow]))  # once may be the machine, not the handler
         self.assertTrue(run([slow, fast, slow]))  # not in a row
         self.assertFalse(run([fast, slow, slow]))
+
+
+if __name__ == "__main__":
+    unittest.main()
